@@ -1,0 +1,259 @@
+"""Running a datasite: in-process (tests, demo) or as its own HTTP server process (`fedsite serve`).
+
+Both build the same syft ``Datasite`` from the data dir, with the identity, store and blob folder
+stored there, the admin password given by the owner, ``dev_mode`` off (so tracebacks, which can
+carry private values, never reach researchers) and guest signup off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from datasites.errors import FedsiteError
+from datasites.secrets import check_password_strength
+from datasites.sitedir import SiteDir, SiteMeta, check_site_name
+
+DEFAULT_HOST = "127.0.0.1"
+
+
+def default_admin_email(name: str) -> str:
+    return f"admin@{name}.fedsite.org"
+
+
+def _prepare_syft_environment() -> None:
+    """Settings syft reads from the environment; set before syft is imported or a server built."""
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ["DEV_MODE"] = "False"  # syft's orchestra sets it process-wide; never let it be True
+    os.environ["ENABLE_SIGNUP"] = "False"
+    for variable in ("SERVER_UID", "SERVER_PRIVATE_KEY"):  # would override the data dir's identity
+        os.environ.pop(variable, None)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence syft's prints, progress bars and logs (it prints where a library should not)."""
+    _prepare_syft_environment()
+    logging.getLogger("syft").setLevel(logging.CRITICAL + 1)
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+def open_site_dir(data_dir: str | os.PathLike[str], *, name: str | None, admin_email: str | None) -> SiteDir:
+    """Check (and, for a new or empty folder, plan) the data dir; changes nothing on disk."""
+    site = SiteDir(data_dir)
+    if site.exists():
+        meta = site.meta()
+        if name is not None and name != meta.name:
+            raise FedsiteError(f"data dir {site.path} belongs to site {meta.name!r}, not {name!r}: fix --name")
+    else:
+        if name is None:
+            site.meta()  # raises the "does not exist / empty" error with its fix
+        check_site_name(str(name))
+        if site.path.exists() and any(site.path.iterdir()):
+            site.meta()
+    return site
+
+
+def check_port_free(host: str, port: int) -> None:
+    if not 0 < port < 65536:
+        raise FedsiteError(f"--port {port} is out of range: use 1024-65535")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise FedsiteError(f"port {port} on {host} is in use ({exc.strerror}): choose another --port") from None
+
+
+def build_datasite(site: SiteDir, *, admin_password: str, db_url: str | None = None, n_consumers: int = 0) -> Any:
+    """The syft Datasite for this data dir (its own identity, store and blobs)."""
+    meta = site.meta()
+    with quiet():
+        from syft.server.credentials import SyftSigningKey
+        from syft.server.datasite import Datasite
+        from syft.store.blob_storage.on_disk import OnDiskBlobStorageClientConfig, OnDiskBlobStorageConfig
+        from syft.store.db.sqlite import SQLiteDBConfig
+        from syft.types.uid import UID
+
+        (site.syft_dir / "db").mkdir(parents=True, exist_ok=True)
+        (site.syft_dir / "blob").mkdir(parents=True, exist_ok=True)
+        worker = Datasite(
+            name=meta.name,
+            id=UID(meta.server_uid),
+            signing_key=SyftSigningKey.from_string(site.signing_key()),
+            db_config=None if db_url else SQLiteDBConfig(filename=f"{meta.server_uid}_json.db", path=site.syft_dir / "db"),
+            db_url=db_url,
+            blob_storage_config=OnDiskBlobStorageConfig(
+                client_config=OnDiskBlobStorageClientConfig(base_directory=site.syft_dir / "blob")
+            ),
+            root_email=meta.admin_email,
+            root_username=f"{meta.name} admin",
+            root_password=admin_password,
+            dev_mode=False,
+            deployment_type="python",
+            n_consumers=n_consumers,
+            create_producer=n_consumers > 0,
+        )
+    _enforce_no_signup(worker)
+    return worker
+
+
+def _enforce_no_signup(worker: Any) -> None:
+    """Guest signup stays off even if an earlier run (or syft's env) turned it on."""
+    if not worker.settings.signup_enabled:
+        return
+    from syft.service.context import AuthedServiceContext
+    from syft.service.settings.settings import ServerSettingsUpdate
+    from syft.service.user.user_roles import ServiceRole
+
+    context = AuthedServiceContext(server=worker, credentials=worker.verify_key, role=ServiceRole.ADMIN)
+    worker.services.settings._update(context=context, settings=ServerSettingsUpdate(signup_enabled=False)).unwrap()
+
+
+def login(url_or_handle: Any, *, email: str, password: str, port: int | None = None) -> Any:
+    """Log in to a site (a ServerHandle in-process, or an http URL with a port); one clear error."""
+    with quiet():
+        import syft as sy
+        from syft.types.errors import SyftException
+
+        try:
+            if isinstance(url_or_handle, str):
+                return sy.login(url=url_or_handle, port=port, email=email, password=password)
+            return url_or_handle.login(email=email, password=password)
+        except SyftException as exc:
+            message = str(getattr(exc, "public_message", exc)).strip()
+            if "Invalid credentials" in message or "Item not found" in message:
+                raise FedsiteError(f"login refused for {email}: wrong email or password") from None
+            raise FedsiteError(f"login to {url_or_handle} failed: {message}") from None
+        except Exception as exc:  # noqa: BLE001 - connection failures of every kind become one line
+            raise FedsiteError(
+                f"cannot reach datasite at {url_or_handle}:{port} ({type(exc).__name__}): is `fedsite serve` running?"
+            ) from None
+
+
+@dataclass
+class InProcessSite:
+    """A datasite running inside this process."""
+
+    site: SiteDir
+    meta: SiteMeta
+    worker: Any
+    handle: Any
+
+    def login(self, *, email: str, password: str) -> Any:
+        return login(self.handle, email=email, password=password)
+
+    def stop(self) -> None:
+        try:
+            with quiet():
+                self.worker.stop()
+        finally:
+            self.site.release()
+
+
+def launch_in_process(
+    data_dir: str | os.PathLike[str],
+    *,
+    admin_password: str,
+    name: str | None = None,
+    admin_email: str | None = None,
+    db_url: str | None = None,
+    n_consumers: int = 0,
+) -> InProcessSite:
+    """Open (creating on first use) the site in ``data_dir`` and run it in this process."""
+    check_password_strength(admin_password)
+    site = open_site_dir(data_dir, name=name, admin_email=admin_email)
+    if not site.exists():
+        site.create(name=str(name), admin_email=admin_email or default_admin_email(str(name)))
+    site.acquire()
+    try:
+        worker = build_datasite(site, admin_password=admin_password, db_url=db_url, n_consumers=n_consumers)
+        with quiet():
+            from syft.orchestra import ServerHandle
+
+            handle = ServerHandle(
+                server_type=worker.server_type,
+                deployment_type=worker.deployment_type,
+                name=worker.name,
+                server_side_type=worker.server_side_type,
+                python_server=worker,
+                shutdown=worker.stop,
+            )
+        running = InProcessSite(site=site, meta=site.meta(), worker=worker, handle=handle)
+        _check_admin_password(running, admin_password)
+        return running
+    except BaseException:
+        site.release()
+        raise
+
+
+def _check_admin_password(running: InProcessSite, admin_password: str) -> None:
+    """syft uses the password only when it first creates the admin; check it on every start."""
+    try:
+        running.login(email=running.meta.admin_email, password=admin_password)
+    except FedsiteError:
+        with quiet():
+            running.worker.stop()
+        raise FedsiteError(
+            f"the admin password does not match the one site {running.meta.name!r} was created with: "
+            "check FEDSITE_ADMIN_PASSWORD"
+        ) from None
+
+
+def serve(
+    data_dir: str | os.PathLike[str],
+    *,
+    admin_password: str,
+    name: str | None,
+    port: int,
+    host: str = DEFAULT_HOST,
+    admin_email: str | None = None,
+    db_url: str | None = None,
+    n_consumers: int = 0,
+) -> None:
+    """Serve the site over HTTP in this process until SIGTERM/SIGINT; then stop cleanly."""
+    check_password_strength(admin_password)
+    site = open_site_dir(data_dir, name=name, admin_email=admin_email)
+    if site.exists():
+        site.acquire()  # a second serve on this dir is refused before anything else
+        site.release()
+    check_port_free(host, port)
+    running = launch_in_process(
+        data_dir, admin_password=admin_password, name=name, admin_email=admin_email, db_url=db_url,
+        n_consumers=n_consumers,
+    )
+    try:
+        app = _make_app(running.worker)
+        running.site.record_serving(host=host, port=port)
+        import uvicorn
+
+        # uvicorn shuts down gracefully on SIGTERM, then re-raises it to the handler it found; make
+        # that handler a normal exit so that the finally below closes the store and frees the lock.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    finally:
+        running.stop()
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
+
+
+def _make_app(worker: Any) -> Any:
+    """syft's HTTP API for ``worker`` (as syft.server.uvicorn.app_factory builds it), without CORS."""
+    from fastapi import APIRouter, FastAPI
+    from syft.server.routes import make_routes
+
+    app = FastAPI(title=worker.name)
+    api_router = APIRouter()
+    api_router.include_router(make_routes(worker=worker))
+    app.include_router(api_router, prefix="/api/v2")
+    return app

@@ -1,0 +1,171 @@
+"""A datasite's data directory: its identity, its syft store, its budgets, and the lock on it.
+
+Layout (format 1)::
+
+    DIR/fedsite.json            format, site name, server UID, admin email, creation time
+    DIR/secrets/signing_key     the syft server's private signing key (0600)
+    DIR/syft/db/                syft's SQLite store (unless --db-url points at PostgreSQL)
+    DIR/syft/blob/              syft's blob store (objects > 1 MB)
+    DIR/budgets.json            per-dataset privacy budgets (policies.budget)
+    DIR/datasets/NAME.json      per-dataset facts the site's policies need (fingerprint, size)
+    DIR/serve.lock              held (flock) by the one process serving this directory
+    DIR/serve.json              where that process listens, while it runs
+
+syft 0.9.5 gives a server a random identity unless one is supplied, and a restart with another
+key on the same database crashes (SYFT_NOTES.md, "Persistence"); so the identity is created once,
+here, and every later start reuses it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+from datasites.errors import FedsiteError
+from policies.durable import read_json, write_json_atomic
+
+FORMAT = 1
+META_FILE = "fedsite.json"
+_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+def check_site_name(name: str) -> str:
+    if not _NAME.match(name or ""):
+        raise FedsiteError(
+            f"site name {name!r} is invalid: use lowercase letters, digits and '-', e.g. site-a"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class SiteMeta:
+    """What fedsite.json holds."""
+
+    format: int  # layout version of the data dir
+    name: str  # the site's name, as researchers see it
+    server_uid: str  # uuid4 hex; syft's server id (must be uuid4 hex, SYFT_NOTES.md)
+    admin_email: str  # the root admin's login
+    created: str  # UTC ISO time of creation
+
+
+class SiteDir:
+    """One datasite's data directory."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path).expanduser().resolve()
+        self._lock_handle: IO[str] | None = None
+
+    # ---- layout ------------------------------------------------------------------------------
+    @property
+    def meta_path(self) -> Path:
+        return self.path / META_FILE
+
+    @property
+    def key_path(self) -> Path:
+        return self.path / "secrets" / "signing_key"
+
+    @property
+    def syft_dir(self) -> Path:
+        return self.path / "syft"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.path / "datasets"
+
+    @property
+    def serve_info_path(self) -> Path:
+        return self.path / "serve.json"
+
+    # ---- create / open -----------------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.meta_path.is_file()
+
+    def create(self, *, name: str, admin_email: str) -> SiteMeta:
+        """Make a new data dir with a fresh identity; refuses a non-empty folder that is not one."""
+        check_site_name(name)
+        if self.path.exists() and any(self.path.iterdir()):
+            if self.exists():
+                raise FedsiteError(f"{self.path} already holds datasite {self.meta().name!r}: open it instead")
+            raise FedsiteError(f"{self.path} is not empty and is not a Fedsite data dir: choose an empty folder")
+        from syft.server.credentials import SyftSigningKey
+
+        meta = SiteMeta(FORMAT, name, uuid.uuid4().hex, admin_email, datetime.now(UTC).isoformat())
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "secrets").mkdir(mode=0o700, exist_ok=True)
+        write_json_atomic(self.key_path, {"signing_key": str(SyftSigningKey.generate())}, mode=0o600)
+        write_json_atomic(self.meta_path, meta.__dict__)  # written last: its presence marks a complete dir
+        return meta
+
+    def meta(self) -> SiteMeta:
+        """Read and check fedsite.json; errors name the fix."""
+        if not self.path.is_dir():
+            raise FedsiteError(
+                f"data dir {self.path} does not exist: start the site once with "
+                f"`fedsite serve --name NAME --data-dir {self.path}`"
+            )
+        if not self.exists():
+            what = "empty" if not any(self.path.iterdir()) else "not a Fedsite data dir"
+            raise FedsiteError(
+                f"data dir {self.path} is {what}: start the site once with "
+                f"`fedsite serve --name NAME --data-dir {self.path}`"
+            )
+        raw = read_json(self.meta_path)
+        if raw.get("format") != FORMAT:
+            raise FedsiteError(
+                f"data dir {self.path} was written by Fedsite data format {raw.get('format')!r}, this version "
+                f"reads format {FORMAT}: use the matching Fedsite version or start a new data dir"
+            )
+        return SiteMeta(**{k: raw[k] for k in SiteMeta.__dataclass_fields__})
+
+    def signing_key(self) -> str:
+        return str(read_json(self.key_path)["signing_key"])
+
+    # ---- the serve lock ----------------------------------------------------------------------
+    def acquire(self) -> None:
+        """Hold the directory's lock for this process; refuse if another process serves it."""
+        handle = open(self.path / "serve.lock", "a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            holder = self.serving()
+            where = f" (pid {holder.get('pid')}, port {holder.get('port')})" if holder else ""
+            raise FedsiteError(
+                f"data dir {self.path} is already served by another process{where}: stop it first, "
+                "or use another --data-dir"
+            ) from None
+        self._lock_handle = handle
+
+    def release(self) -> None:
+        if self._lock_handle is not None:
+            self.serve_info_path.unlink(missing_ok=True)
+            fcntl.flock(self._lock_handle.fileno(), fcntl.LOCK_UN)
+            self._lock_handle.close()
+            self._lock_handle = None
+
+    def record_serving(self, *, host: str, port: int) -> None:
+        write_json_atomic(self.serve_info_path, {"host": host, "port": port, "pid": os.getpid()})
+
+    def serving(self) -> dict[str, Any] | None:
+        """Where the serving process listens, if one runs (serve.json is removed on clean exit)."""
+        try:
+            return dict(json.loads(self.serve_info_path.read_text()))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    # ---- per-dataset facts -------------------------------------------------------------------
+    def dataset_facts(self, dataset: str) -> dict[str, Any]:
+        path = self.datasets_dir / f"{dataset}.json"
+        if not path.is_file():
+            raise FedsiteError(f"dataset {dataset!r} was never uploaded to {self.path}: run `fedsite admin upload`")
+        return dict(read_json(path))
+
+    def record_dataset(self, dataset: str, facts: dict[str, Any]) -> None:
+        write_json_atomic(self.datasets_dir / f"{dataset}.json", facts)

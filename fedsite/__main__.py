@@ -1,0 +1,5 @@
+import sys
+
+from fedsite.cli import main
+
+sys.exit(main())

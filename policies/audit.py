@@ -1,0 +1,352 @@
+"""The site's audit log: who approved which code, what ran, what it spent and what left the site.
+
+Every datasite keeps ``<data-dir>/audit.jsonl``, an append-only ``HashChainedJournal`` (see
+``policies/durable.py``) of frozen events: approvals and denials of researchers' requests,
+executions that were authorised or refused, privacy spent, and the SHA-256 of every output released.
+Each line carries the hash of the line before it, so editing, deleting, reordering or inserting a line
+breaks the chain and ``verify`` names the first bad line.
+
+Notes
+-----
+A chain proves only that nothing *inside* it changed. Someone with write access to the data dir can
+still drop the last lines (the chain that remains is intact) or rewrite the whole file with freshly
+computed hashes. Both are caught by anchoring: ``head()`` returns ``(n_entries, last_hash)``, the admin
+writes it down somewhere the site cannot rewrite (a ticket, a notebook, a signed e-mail), and a later
+``verify(anchor=...)`` refuses a log that is shorter than the anchor or whose entry at that position
+has a different hash.
+
+Decoding is strict: an unknown ``kind``, a missing or extra field, or a field of the wrong type is an
+error, never skipped, because an auditor must be able to account for every line.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, ClassVar, NamedTuple
+
+from policies.durable import GENESIS_HASH, HashChainedJournal, JournalCorruptError, JournalEntry
+
+AUDIT_FILE = "audit.jsonl"
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+class AuditEventError(ValueError):
+    """An audit event was built with a missing or invalid field."""
+
+
+class AuditIntegrityError(JournalCorruptError):
+    """The audit log on disk was tampered with, damaged, or does not match an anchor."""
+
+
+def utc_now() -> str:
+    """The current time as an ISO 8601 string in UTC, to the microsecond."""
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def _check_text(name: str, value: object) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise AuditEventError(f"{name} must be a non-empty string, got {value!r}")
+
+
+def _check_sha256(name: str, value: object) -> None:
+    if not isinstance(value, str) or not _SHA256_HEX.fullmatch(value):
+        raise AuditEventError(f"{name} must be a SHA-256 as 64 lowercase hex digits, got {value!r}")
+
+
+def _check_round(name: str, value: object) -> None:
+    # bool is an int: refuse round=True explicitly
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise AuditEventError(f"{name} must be an int >= 0, got {value!r}")
+
+
+def _check_number(name: str, value: object, *, below_one: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise AuditEventError(f"{name} must be a finite number >= 0, got {value!r}")
+    if below_one and value >= 1:
+        raise AuditEventError(f"{name} must be < 1, got {value!r}")
+
+
+def _check_timestamp(value: object) -> None:
+    try:
+        moment = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        moment = None
+    if moment is None or moment.utcoffset() != timedelta(0):
+        raise AuditEventError(
+            f"timestamp must be an ISO 8601 string in UTC such as {utc_now()!r}, got {value!r}"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuditEvent:
+    """Base of every audit event. Subclasses set ``kind``, the tag stored on disk."""
+
+    kind: ClassVar[str] = ""
+    timestamp: str = field(default_factory=utc_now)  # when the site recorded it, ISO 8601 UTC
+
+    def __post_init__(self) -> None:
+        _check_timestamp(self.timestamp)
+
+    def to_record(self) -> dict[str, Any]:
+        """The JSON object written to the journal: ``kind`` plus every field."""
+        return {"kind": self.kind, **asdict(self)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class _RequestEvent(AuditEvent):
+    """Fields shared by the events about one researcher's code request."""
+
+    request_id: str  # syft's id of the code request
+    code_hash: str  # policies.review.code_hash of the submitted source
+    researcher: str  # the requesting user's e-mail
+    dataset: str  # the site's dataset the code runs on
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_text("request_id", self.request_id)
+        _check_sha256("code_hash", self.code_hash)
+        _check_text("researcher", self.researcher)
+        _check_text("dataset", self.dataset)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RequestApproved(_RequestEvent):
+    """An admin approved exactly this code, for exactly this training plan."""
+
+    kind: ClassVar[str] = "request_approved"
+    plan_digest: str  # SHA-256 of the approved plan (rounds, epsilon, ...)
+    admin: str  # who approved it
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_sha256("plan_digest", self.plan_digest)
+        _check_text("admin", self.admin)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RequestDenied(_RequestEvent):
+    """An admin denied a request; ``reason`` is what the researcher is told."""
+
+    kind: ClassVar[str] = "request_denied"
+    admin: str
+    reason: str
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_text("admin", self.admin)
+        _check_text("reason", self.reason)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExecutionAuthorised(_RequestEvent):
+    """The site's policy let one round of approved code run on private data."""
+
+    kind: ClassVar[str] = "execution_authorised"
+    round: int  # the federated round the execution belongs to
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_round("round", self.round)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExecutionRefused(_RequestEvent):
+    """The site's policy blocked a run (changed code, stale round, budget spent, ...)."""
+
+    kind: ClassVar[str] = "execution_refused"
+    round: int | None  # None when the request did not even carry a valid round
+    reason: str
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.round is not None:
+            _check_round("round", self.round)
+        _check_text("reason", self.reason)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrivacySpent(AuditEvent):
+    """Record-level DP spent by one round; written before the round's output leaves the site."""
+
+    kind: ClassVar[str] = "privacy_spent"
+    request_id: str
+    dataset: str
+    researcher: str
+    epsilon: float  # epsilon of this round alone, >= 0
+    delta: float  # delta of this round alone, in [0, 1)
+    round: int
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_text("request_id", self.request_id)
+        _check_text("dataset", self.dataset)
+        _check_text("researcher", self.researcher)
+        _check_number("epsilon", self.epsilon)
+        _check_number("delta", self.delta, below_one=True)
+        _check_round("round", self.round)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutputReleased(AuditEvent):
+    """The digest of the exact bytes that left the site, so a leaked output can be traced."""
+
+    kind: ClassVar[str] = "output_released"
+    request_id: str
+    output_sha256: str
+    round: int
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_text("request_id", self.request_id)
+        _check_sha256("output_sha256", self.output_sha256)
+        _check_round("round", self.round)
+
+
+EVENT_TYPES: dict[str, type[AuditEvent]] = {
+    cls.kind: cls
+    for cls in (RequestApproved, RequestDenied, ExecutionAuthorised, ExecutionRefused, PrivacySpent, OutputReleased)
+}
+
+
+def decode_event(record: object, *, where: str = "record") -> AuditEvent:
+    """Rebuild a typed event from its journal record; refuse anything that is not exactly one."""
+    if not isinstance(record, dict) or not isinstance(record.get("kind"), str):
+        raise AuditIntegrityError(f"{where}: not an audit event (no 'kind'): {record!r}")
+    cls = EVENT_TYPES.get(record["kind"])
+    if cls is None:
+        raise AuditIntegrityError(
+            f"{where}: unknown audit event kind {record['kind']!r} (known: {', '.join(sorted(EVENT_TYPES))}); "
+            "it was written by another Fedsite version or forged"
+        )
+    expected = {f.name for f in fields(cls)}
+    given = set(record) - {"kind"}
+    if given != expected:
+        raise AuditIntegrityError(
+            f"{where}: {cls.kind} has missing fields {sorted(expected - given)} "
+            f"and unexpected fields {sorted(given - expected)}"
+        )
+    try:
+        return cls(**{name: record[name] for name in expected})
+    except AuditEventError as exc:
+        raise AuditIntegrityError(f"{where}: {exc}") from exc
+
+
+class AuditHead(NamedTuple):
+    """What an admin writes down to detect later truncation or a rewrite of the whole chain."""
+
+    n_entries: int  # number of entries in the log
+    last_hash: str  # hash of the last entry, GENESIS_HASH for an empty log
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    """Outcome of ``AuditLog.verify``: reached only if the chain (and the anchor, if given) is intact."""
+
+    path: Path
+    head: AuditHead
+    by_kind: tuple[tuple[str, int], ...]  # (kind, number of events), sorted by kind
+    anchor: AuditHead | None  # the anchor that was checked, None if none was given
+    torn_tail_bytes: int  # bytes after the last newline: a crash mid-append, or a truncated last line
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        found = []
+        if self.torn_tail_bytes:
+            found.append(
+                f"{self.torn_tail_bytes} bytes after the last complete entry are ignored: a crash (or an append "
+                "still in progress) or a truncated last line; verify with an anchor to tell them apart"
+            )
+        if self.anchor is None:
+            found.append("no anchor given: removal of the last entries or a rewrite of the whole chain goes unseen")
+        return tuple(found)
+
+    def render_text(self) -> str:
+        lines = [f"audit log {self.path}: {self.head.n_entries} entries, chain intact, head {self.head.last_hash}"]
+        lines += [f"  {kind}: {count}" for kind, count in self.by_kind]
+        if self.anchor is not None:
+            lines.append(f"  matches anchor ({self.anchor.n_entries}, {self.anchor.last_hash})")
+        lines += [f"  warning: {text}" for text in self.warnings]
+        return "\n".join(lines)
+
+
+class AuditLog:
+    """The site's audit log in ``<data-dir>/audit.jsonl`` (see the module docstring)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = Path(data_dir) / AUDIT_FILE
+        self._journal = HashChainedJournal(self.path)
+
+    def _entries(self) -> list[JournalEntry]:
+        try:
+            return self._journal.entries()
+        except JournalCorruptError as exc:
+            raise AuditIntegrityError(f"audit log failed verification: {exc}") from exc
+
+    def record(self, event: AuditEvent) -> AuditHead:
+        """Durably append ``event``; returns the head including it, once it is on disk.
+
+        Refuses to extend a log whose chain is already broken, so tampering cannot be buried
+        under new entries.
+        """
+        if type(event) not in EVENT_TYPES.values():
+            raise TypeError(f"record() takes one of {', '.join(EVENT_TYPES)} events, got {type(event).__name__}")
+        try:
+            entry = self._journal.append(event.to_record())
+        except JournalCorruptError as exc:
+            raise AuditIntegrityError(f"audit log failed verification, nothing recorded: {exc}") from exc
+        return AuditHead(entry.seq + 1, entry.digest)
+
+    def events(self) -> list[AuditEvent]:
+        """Every event, typed, oldest first; raises AuditIntegrityError on any bad line."""
+        return [
+            decode_event(entry.record, where=f"{self.path}: line {entry.seq + 1}") for entry in self._entries()
+        ]
+
+    def head(self) -> AuditHead:
+        """``(n_entries, last_hash)`` of the verified chain: the value an admin writes down as an anchor."""
+        entries = self._entries()
+        return AuditHead(len(entries), entries[-1].digest if entries else GENESIS_HASH)
+
+    def verify(self, *, anchor: AuditHead | None = None) -> AuditReport:
+        """Check the chain, every event's type and fields, and ``anchor`` if given.
+
+        Raises AuditIntegrityError naming the first bad line, or the way the log departs from the anchor.
+        """
+        entries = self._entries()
+        events = [decode_event(e.record, where=f"{self.path}: line {e.seq + 1}") for e in entries]
+        if anchor is not None:
+            _check_anchor(anchor, entries, self.path)
+        head = AuditHead(len(entries), entries[-1].digest if entries else GENESIS_HASH)
+        raw = self.path.read_bytes() if self.path.exists() else b""
+        return AuditReport(
+            path=self.path,
+            head=head,
+            by_kind=tuple(sorted(Counter(event.kind for event in events).items())),
+            anchor=anchor,
+            torn_tail_bytes=len(raw) - (raw.rfind(b"\n") + 1),
+        )
+
+
+def _check_anchor(anchor: AuditHead, entries: list[JournalEntry], path: Path) -> None:
+    n_entries, last_hash = anchor
+    if isinstance(n_entries, bool) or not isinstance(n_entries, int) or n_entries < 0:
+        raise ValueError(f"anchor n_entries must be an int >= 0, got {n_entries!r}")
+    if not isinstance(last_hash, str) or not _SHA256_HEX.fullmatch(last_hash):
+        raise ValueError(f"anchor last_hash must be 64 lowercase hex digits, got {last_hash!r}")
+    if len(entries) < n_entries:
+        raise AuditIntegrityError(
+            f"{path}: has {len(entries)} entries but the anchor has {n_entries}: "
+            "entries were removed from the end (truncated)"
+        )
+    found = entries[n_entries - 1].digest if n_entries else GENESIS_HASH
+    if found != last_hash:
+        raise AuditIntegrityError(
+            f"{path}: entry {n_entries} has hash {found} but the anchor has {last_hash}: "
+            "the log was rewritten up to that entry"
+        )

@@ -1,0 +1,188 @@
+"""An in-process datasite: upload, researcher access and its refusals, restart, bootstrap security."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from datasites.admin import add_researcher, render_budgets, upload_partition
+from datasites.errors import FedsiteError
+from datasites.server import InProcessSite, launch_in_process, login, quiet
+from policies.budget import PrivacyBudget
+from policies.fingerprint import partition_fingerprint
+from tests.conftest import ADMIN_PASSWORD, RESEARCHER_PASSWORD
+
+pytestmark = pytest.mark.integration
+
+RESEARCHER = "rita@uni.org"
+
+
+@pytest.fixture(scope="module")
+def site_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("site-a")
+
+
+@pytest.fixture(scope="module")
+def private(imdb_train: pd.DataFrame) -> pd.DataFrame:
+    return imdb_train.sample(300, random_state=3).reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def site(site_dir: Path, private: pd.DataFrame) -> Iterator[InProcessSite]:
+    running = launch_in_process(site_dir, admin_password=ADMIN_PASSWORD, name="site-a")
+    admin = running.login(email=running.meta.admin_email, password=ADMIN_PASSWORD)
+    upload_partition(admin, running.site, dataset="imdb", reviews=private,
+                     budget=PrivacyBudget(epsilon=8.0, delta=1e-5))
+    add_researcher(admin, name="Rita Researcher", email=RESEARCHER, password=RESEARCHER_PASSWORD)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def researcher(site: InProcessSite) -> Any:
+    return site.login(email=RESEARCHER, password=RESEARCHER_PASSWORD)
+
+
+def _asset(client: Any) -> Any:
+    with quiet():
+        return client.datasets["imdb"].assets["reviews"]
+
+
+def test_researcher_sees_the_mock_twin_not_the_private_data(researcher: Any, private: pd.DataFrame) -> None:
+    mock = _asset(researcher).mock
+
+    assert list(mock.columns) == ["text", "label"]
+    assert len(mock) == len(private)
+    assert not set(mock["text"]) & set(private["text"])
+
+
+def test_every_way_of_reading_the_private_asset_is_refused(researcher: Any, private: pd.DataFrame) -> None:
+    from syft.types.errors import SyftException
+
+    asset = _asset(researcher)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        data = asset.data
+    assert data is None
+    assert "You have no access to the private data" in printed.getvalue()
+    with pytest.raises(SyftException, match="Item not found"):
+        asset.pointer.get()
+    with pytest.raises(SyftException, match="Item not found"):
+        researcher.api.services.action.get(asset.action_id)
+    with pytest.raises(AttributeError, match="you may not have permission"):
+        researcher.api.services.user.get_all()  # nor list the site's users
+
+
+def test_admin_reads_the_private_data_and_the_site_records_its_fingerprint(
+    site: InProcessSite, private: pd.DataFrame
+) -> None:
+    admin = site.login(email=site.meta.admin_email, password=ADMIN_PASSWORD)
+
+    with quiet():
+        data = admin.datasets["imdb"].assets["reviews"].data
+
+    assert data["text"].tolist() == private["text"].tolist()
+    facts = site.site.dataset_facts("imdb")
+    assert facts["n_records"] == 300
+    assert facts["fingerprint"] == partition_fingerprint(private["text"], private["label"])
+
+
+def test_unapproved_code_does_not_run_on_private_data(researcher: Any) -> None:
+    import syft as sy
+
+    asset = _asset(researcher)
+
+    @sy.syft_function_single_use(data=asset)
+    def peek(data):  # type: ignore[no-untyped-def]
+        return data["text"].tolist()
+
+    from syft.types.errors import SyftException
+
+    with quiet():
+        researcher.code.request_code_execution(peek)
+        with pytest.raises(SyftException, match="Your code is waiting for approval"):
+            researcher.code.peek(data=asset)
+
+
+def test_a_failing_approved_function_leaks_no_traceback_to_the_researcher(site: InProcessSite, researcher: Any) -> None:
+    import syft as sy
+
+    asset = _asset(researcher)
+
+    @sy.syft_function_single_use(data=asset)
+    def explode(data):  # type: ignore[no-untyped-def]
+        raise ValueError("PRIVATE:" + data["text"].iloc[0][:40])
+
+    admin = site.login(email=site.meta.admin_email, password=ADMIN_PASSWORD)
+    with quiet():
+        researcher.code.request_code_execution(explode)
+        request = next(r for r in admin.requests if r.code.service_func_name == "explode")
+        request.approve()
+        try:
+            outcome: Any = researcher.code.explode(data=asset)
+        except Exception as exc:  # noqa: BLE001 - the researcher's view, raised or returned
+            outcome = exc
+    message = str(outcome)
+    assert "contact the Server Admin" in message
+    assert "PRIVATE:" not in message and "Traceback" not in message
+    assert site.worker.dev_mode is False
+
+
+def test_guest_signup_is_off_and_default_credentials_do_not_exist(site: InProcessSite) -> None:
+    from syft.types.errors import SyftException
+
+    with pytest.raises(FedsiteError, match="login refused for info@openmined.org"):
+        site.login(email="info@openmined.org", password="changethis")
+    with quiet(), pytest.raises(SyftException, match="no permission to create an account"):
+        site.handle.register(name="Eve", email="eve@evil.org", password="Eve-pass-2026!!", password_verify="Eve-pass-2026!!")
+    assert site.worker.settings.signup_enabled is False
+
+
+def test_wrong_password_is_one_clear_error(site: InProcessSite) -> None:
+    with pytest.raises(FedsiteError, match=r"^login refused for rita@uni.org: wrong email or password$"):
+        login(site.handle, email=RESEARCHER, password="Not-her-password-1")
+
+
+def test_admin_rejects_bad_researchers_and_duplicate_datasets(site: InProcessSite, private: pd.DataFrame) -> None:
+    admin = site.login(email=site.meta.admin_email, password=ADMIN_PASSWORD)
+
+    with pytest.raises(FedsiteError, match=r"a user rita@uni.org already exists on this site"):
+        add_researcher(admin, name="Rita", email=RESEARCHER, password=RESEARCHER_PASSWORD)
+    with pytest.raises(FedsiteError, match=r"researcher password is too weak"):
+        add_researcher(admin, name="Bob", email="bob@uni.org", password="bob")
+    with pytest.raises(FedsiteError, match=r"dataset 'imdb' already exists on this site"):
+        upload_partition(admin, site.site, dataset="imdb", reviews=private, budget=PrivacyBudget(epsilon=1, delta=1e-5))
+    with pytest.raises(FedsiteError, match=r"delta=0.01 is not below 1/n_records"):
+        upload_partition(admin, site.site, dataset="other", reviews=private, budget=PrivacyBudget(epsilon=1, delta=0.01))
+    with quiet():
+        assert [d.name for d in admin.datasets.get_all()] == ["imdb"]
+
+
+def test_a_second_process_cannot_open_a_served_data_dir(site: InProcessSite, site_dir: Path) -> None:
+    with pytest.raises(FedsiteError, match=r"already served by another process"):
+        launch_in_process(site_dir, admin_password=ADMIN_PASSWORD)
+
+
+def test_restart_keeps_datasets_users_and_budget(tmp_path: Path, private: pd.DataFrame) -> None:
+    first = launch_in_process(tmp_path, admin_password=ADMIN_PASSWORD, name="site-r")
+    admin = first.login(email=first.meta.admin_email, password=ADMIN_PASSWORD)
+    upload_partition(admin, first.site, dataset="imdb", reviews=private.head(50),
+                     budget=PrivacyBudget(epsilon=3.0, delta=1e-5))
+    add_researcher(admin, name="Rita", email=RESEARCHER, password=RESEARCHER_PASSWORD)
+    first.stop()
+
+    with pytest.raises(FedsiteError, match=r"admin password does not match the one site 'site-r' was created with"):
+        launch_in_process(tmp_path, admin_password="Another-Admin-Pw-1")
+    second = launch_in_process(tmp_path, admin_password=ADMIN_PASSWORD)
+    try:
+        researcher = second.login(email=RESEARCHER, password=RESEARCHER_PASSWORD)
+        assert len(_asset(researcher).mock) == 50
+        assert "imdb                           3      1e-05         50" in render_budgets(second.site)
+    finally:
+        second.stop()
