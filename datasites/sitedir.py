@@ -4,6 +4,8 @@ Layout (format 1)::
 
     DIR/fedsite.json            format, site name, server UID, admin email, creation time
     DIR/secrets/signing_key     the syft server's private signing key (0600)
+    DIR/secrets/identity_key    the site's Ed25519 identity key for the secure sum (0600); its public
+                                half is what other admins pin in the federation roster
     DIR/syft/db/                syft's SQLite store (unless --db-url points at PostgreSQL)
     DIR/syft/blob/              syft's blob store (objects > 1 MB)
     DIR/budgets.json            per-dataset privacy budgets (policies.budget)
@@ -27,6 +29,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from datasites.errors import FedsiteError
 from policies.durable import read_json, write_json_atomic
@@ -72,6 +76,10 @@ class SiteDir:
         return self.path / "secrets" / "signing_key"
 
     @property
+    def identity_path(self) -> Path:
+        return self.path / "secrets" / "identity_key"
+
+    @property
     def syft_dir(self) -> Path:
         return self.path / "syft"
 
@@ -100,6 +108,8 @@ class SiteDir:
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "secrets").mkdir(mode=0o700, exist_ok=True)
         write_json_atomic(self.key_path, {"signing_key": str(SyftSigningKey.generate())}, mode=0o600)
+        identity = Ed25519PrivateKey.generate().private_bytes_raw().hex()
+        write_json_atomic(self.identity_path, {"ed25519_private": identity}, mode=0o600)
         write_json_atomic(self.meta_path, meta.__dict__)  # written last: its presence marks a complete dir
         return meta
 
@@ -126,6 +136,14 @@ class SiteDir:
 
     def signing_key(self) -> str:
         return str(read_json(self.key_path)["signing_key"])
+
+    def identity_key(self) -> Ed25519PrivateKey:
+        """The site's Ed25519 identity key (signs its secure-sum round keys)."""
+        return Ed25519PrivateKey.from_private_bytes(bytes.fromhex(read_json(self.identity_path)["ed25519_private"]))
+
+    def identity_public_hex(self) -> str:
+        """What the other admins pin for this site in the federation roster."""
+        return self.identity_key().public_key().public_bytes_raw().hex()
 
     # ---- the serve lock ----------------------------------------------------------------------
     def acquire(self) -> None:

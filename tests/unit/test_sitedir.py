@@ -22,6 +22,9 @@ def test_create_writes_a_stable_identity(tmp_path: Path) -> None:
     assert len(meta.server_uid) == 32 and int(meta.server_uid, 16) >= 0
     assert (site.key_path.stat().st_mode & 0o777) == 0o600
     assert SiteDir(tmp_path / "a").signing_key() == site.signing_key()
+    assert (site.identity_path.stat().st_mode & 0o777) == 0o600
+    assert SiteDir(tmp_path / "a").identity_public_hex() == site.identity_public_hex()
+    assert len(bytes.fromhex(site.identity_public_hex())) == 32
 
 
 def test_missing_and_empty_data_dirs_name_the_fix(tmp_path: Path) -> None:
