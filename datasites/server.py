@@ -7,19 +7,18 @@ carry private values, never reach researchers) and guest signup off.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import os
 import signal
 import socket
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from datasites.errors import FedsiteError
+from datasites.guard import register_site, unregister_site
 from datasites.secrets import check_password_strength
 from datasites.sitedir import SiteDir, SiteMeta, check_site_name
+from policies.syft_client import SiteConnectionError, prepare_syft_environment, quiet
+from policies.syft_client import login as client_login
 
 DEFAULT_HOST = "127.0.0.1"
 
@@ -29,21 +28,9 @@ def default_admin_email(name: str) -> str:
 
 
 def _prepare_syft_environment() -> None:
-    """Settings syft reads from the environment; set before syft is imported or a server built."""
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    os.environ["DEV_MODE"] = "False"  # syft's orchestra sets it process-wide; never let it be True
-    os.environ["ENABLE_SIGNUP"] = "False"
+    prepare_syft_environment()
     for variable in ("SERVER_UID", "SERVER_PRIVATE_KEY"):  # would override the data dir's identity
         os.environ.pop(variable, None)
-
-
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """Silence syft's prints, progress bars and logs (it prints where a library should not)."""
-    _prepare_syft_environment()
-    logging.getLogger("syft").setLevel(logging.CRITICAL + 1)
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield
 
 
 def open_site_dir(data_dir: str | os.PathLike[str], *, name: str | None, admin_email: str | None) -> SiteDir:
@@ -76,6 +63,7 @@ def check_port_free(host: str, port: int) -> None:
 def build_datasite(site: SiteDir, *, admin_password: str, db_url: str | None = None, n_consumers: int = 0) -> Any:
     """The syft Datasite for this data dir (its own identity, store and blobs)."""
     meta = site.meta()
+    _prepare_syft_environment()
     with quiet():
         from syft.server.credentials import SyftSigningKey
         from syft.server.datasite import Datasite
@@ -120,23 +108,10 @@ def _enforce_no_signup(worker: Any) -> None:
 
 def login(url_or_handle: Any, *, email: str, password: str, port: int | None = None) -> Any:
     """Log in to a site (a ServerHandle in-process, or an http URL with a port); one clear error."""
-    with quiet():
-        import syft as sy
-        from syft.types.errors import SyftException
-
-        try:
-            if isinstance(url_or_handle, str):
-                return sy.login(url=url_or_handle, port=port, email=email, password=password)
-            return url_or_handle.login(email=email, password=password)
-        except SyftException as exc:
-            message = str(getattr(exc, "public_message", exc)).strip()
-            if "Invalid credentials" in message or "Item not found" in message:
-                raise FedsiteError(f"login refused for {email}: wrong email or password") from None
-            raise FedsiteError(f"login to {url_or_handle} failed: {message}") from None
-        except Exception as exc:  # noqa: BLE001 - connection failures of every kind become one line
-            raise FedsiteError(
-                f"cannot reach datasite at {url_or_handle}:{port} ({type(exc).__name__}): is `fedsite serve` running?"
-            ) from None
+    try:
+        return client_login(url_or_handle, email=email, password=password, port=port)
+    except SiteConnectionError as exc:
+        raise FedsiteError(str(exc)) from None
 
 
 @dataclass
@@ -152,6 +127,7 @@ class InProcessSite:
         return login(self.handle, email=email, password=password)
 
     def stop(self) -> None:
+        unregister_site(self.meta.server_uid)
         try:
             with quiet():
                 self.worker.stop()
@@ -189,6 +165,7 @@ def launch_in_process(
             )
         running = InProcessSite(site=site, meta=site.meta(), worker=worker, handle=handle)
         _check_admin_password(running, admin_password)
+        register_site(str(worker.id.no_dash), name=running.meta.name, data_dir=site.path)
         return running
     except BaseException:
         site.release()

@@ -30,10 +30,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from datasites.errors import FedsiteError
 from policies.durable import read_json, write_json_atomic
+from policies.fingerprint import UnknownDatasetError, read_dataset_facts, record_dataset_facts
+from policies.identity import IDENTITY_FILE, create_identity_key, identity_public_hex
 
 FORMAT = 1
 META_FILE = "fedsite.json"
@@ -77,15 +77,11 @@ class SiteDir:
 
     @property
     def identity_path(self) -> Path:
-        return self.path / "secrets" / "identity_key"
+        return self.path / IDENTITY_FILE
 
     @property
     def syft_dir(self) -> Path:
         return self.path / "syft"
-
-    @property
-    def datasets_dir(self) -> Path:
-        return self.path / "datasets"
 
     @property
     def serve_info_path(self) -> Path:
@@ -108,8 +104,7 @@ class SiteDir:
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "secrets").mkdir(mode=0o700, exist_ok=True)
         write_json_atomic(self.key_path, {"signing_key": str(SyftSigningKey.generate())}, mode=0o600)
-        identity = Ed25519PrivateKey.generate().private_bytes_raw().hex()
-        write_json_atomic(self.identity_path, {"ed25519_private": identity}, mode=0o600)
+        create_identity_key(self.path)
         write_json_atomic(self.meta_path, meta.__dict__)  # written last: its presence marks a complete dir
         return meta
 
@@ -137,13 +132,9 @@ class SiteDir:
     def signing_key(self) -> str:
         return str(read_json(self.key_path)["signing_key"])
 
-    def identity_key(self) -> Ed25519PrivateKey:
-        """The site's Ed25519 identity key (signs its secure-sum round keys)."""
-        return Ed25519PrivateKey.from_private_bytes(bytes.fromhex(read_json(self.identity_path)["ed25519_private"]))
-
     def identity_public_hex(self) -> str:
         """What the other admins pin for this site in the federation roster."""
-        return self.identity_key().public_key().public_bytes_raw().hex()
+        return identity_public_hex(self.path)
 
     # ---- the serve lock ----------------------------------------------------------------------
     def acquire(self) -> None:
@@ -180,10 +171,10 @@ class SiteDir:
 
     # ---- per-dataset facts -------------------------------------------------------------------
     def dataset_facts(self, dataset: str) -> dict[str, Any]:
-        path = self.datasets_dir / f"{dataset}.json"
-        if not path.is_file():
-            raise FedsiteError(f"dataset {dataset!r} was never uploaded to {self.path}: run `fedsite admin upload`")
-        return dict(read_json(path))
+        try:
+            return read_dataset_facts(self.path, dataset)
+        except UnknownDatasetError as exc:
+            raise FedsiteError(f"{self.path}: {exc}") from None
 
     def record_dataset(self, dataset: str, facts: dict[str, Any]) -> None:
-        write_json_atomic(self.datasets_dir / f"{dataset}.json", facts)
+        record_dataset_facts(self.path, dataset, facts)

@@ -10,7 +10,11 @@ run without trusting anything the researcher says.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from policies.durable import read_json, write_json_atomic
 
 
 def partition_fingerprint(texts: Iterable[str], labels: Iterable[int]) -> str:
@@ -25,3 +29,28 @@ def partition_fingerprint(texts: Iterable[str], labels: Iterable[int]) -> str:
         rows += 1
     digest.update(rows.to_bytes(8, "big"))
     return digest.hexdigest()
+
+
+DATASETS_DIR = "datasets"
+
+
+class UnknownDatasetError(LookupError):
+    """The site has no record of an uploaded dataset by that name."""
+
+
+def dataset_facts_path(data_dir: Path, dataset: str) -> Path:
+    return Path(data_dir) / DATASETS_DIR / f"{dataset}.json"
+
+
+def record_dataset_facts(data_dir: Path, dataset: str, facts: Mapping[str, Any]) -> None:
+    """What the site's policies need to know of an uploaded dataset (fingerprint, size), written atomically."""
+    if not isinstance(facts.get("fingerprint"), str) or not isinstance(facts.get("n_records"), int):
+        raise ValueError("dataset facts need a 'fingerprint' (str) and 'n_records' (int)")
+    write_json_atomic(dataset_facts_path(data_dir, dataset), dict(facts))
+
+
+def read_dataset_facts(data_dir: Path, dataset: str) -> dict[str, Any]:
+    path = dataset_facts_path(data_dir, dataset)
+    if not path.is_file():
+        raise UnknownDatasetError(f"dataset {dataset!r} was never uploaded to this site: run `fedsite admin upload`")
+    return dict(read_json(path))

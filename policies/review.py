@@ -44,6 +44,11 @@ ALLOWED_PACKAGES = frozenset(
 )
 
 
+# Modules of the Fedsite distribution the site itself installed, outside the packages above: the
+# researcher cannot change the site's copy, so code may build its model with them.
+ALLOWED_MODULES = frozenset({"researcher.models"})
+
+
 class Category(StrEnum):
     """What a finding is about."""
 
@@ -143,8 +148,10 @@ _RULES: tuple[tuple[str, Category, str], ...] = (
                    "torch.serialization.load", "torch.serialization.save", "torch.from_file", "torch.jit.load",
                    "torch.jit.save", "numpy.load", "numpy.save*", "numpy.loadtxt", "numpy.genfromtxt",
                    "numpy.fromfile", "numpy.memmap")),
-    *((name, Category.FILE, "writes the site's durable state (ledger, budgets, audit log)")
-      for name in ("policies.durable", "policies.budget", "policies.ledger", "policies.audit")),
+    *((name, Category.FILE, "writes the site's durable state (ledger, budgets, approvals, audit log)")
+      for name in ("policies.durable", "policies.budget", "policies.ledger", "policies.audit", "policies.approvals")),
+    *((name, Category.DYNAMIC_CODE, "bypasses the site runtime: submitted code calls policies.site_runtime only")
+      for name in ("policies.dp", "policies.secagg", "policies.fingerprint", "policies.accounting")),
     *((name, Category.DYNAMIC_CODE, "runs or loads code the review cannot see")
       for name in ("builtins.exec", "builtins.eval", "builtins.compile", "builtins.__import__", "builtins.breakpoint",
                    "importlib", "runpy", "code", "codeop", "types.CodeType", "types.FunctionType", "ctypes", "cffi",
@@ -333,7 +340,7 @@ class _Reviewer:
         top = module.split(".")[0]
         if module.startswith("."):
             self.flag(node, Category.IMPORT, f"{module}: relative import, submitted code must be self-contained")
-        elif top not in ALLOWED_PACKAGES:
+        elif top not in ALLOWED_PACKAGES and module not in ALLOWED_MODULES:
             self.flag(node, Category.IMPORT, f"{module}: {top!r} is not one of the allowed packages")
 
     def visit(self, node: ast.AST) -> None:

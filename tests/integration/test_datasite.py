@@ -14,7 +14,10 @@ import pytest
 from datasites.admin import add_researcher, render_budgets, upload_partition
 from datasites.errors import FedsiteError
 from datasites.server import InProcessSite, launch_in_process, login, quiet
+from policies.approvals import Approval, ApprovalRegistry
+from policies.audit import AuditLog
 from policies.budget import PrivacyBudget
+from policies.review import code_hash
 from policies.fingerprint import partition_fingerprint
 from tests.conftest import ADMIN_PASSWORD, RESEARCHER_PASSWORD
 
@@ -110,6 +113,38 @@ def test_unapproved_code_does_not_run_on_private_data(researcher: Any) -> None:
             researcher.code.peek(data=asset)
 
 
+def _call(researcher: Any, name: str, asset: Any) -> str:
+    with quiet():
+        try:
+            outcome: Any = getattr(researcher.code, name)(data=asset)
+        except Exception as exc:  # noqa: BLE001 - the researcher's view, raised or returned
+            outcome = exc
+    return str(outcome)
+
+
+def test_syft_approval_alone_does_not_let_code_run(site: InProcessSite, researcher: Any) -> None:
+    import syft as sy
+
+    from datasites.guard import is_guard_installed
+
+    asset = _asset(researcher)
+
+    @sy.syft_function_single_use(data=asset)
+    def count(data):  # type: ignore[no-untyped-def]
+        return len(data)
+
+    admin = site.login(email=site.meta.admin_email, password=ADMIN_PASSWORD)
+    with quiet():
+        researcher.code.request_code_execution(count)
+        next(r for r in admin.requests if r.code.service_func_name == "count").approve()
+
+    message = _call(researcher, "count", asset)
+
+    assert is_guard_installed()
+    assert "site-a: refused: code" in message and "has no Fedsite approval for rita@uni.org" in message
+    assert any(e.kind == "execution_refused" for e in AuditLog(site.site.path).events())
+
+
 def test_a_failing_approved_function_leaks_no_traceback_to_the_researcher(site: InProcessSite, researcher: Any) -> None:
     import syft as sy
 
@@ -124,11 +159,13 @@ def test_a_failing_approved_function_leaks_no_traceback_to_the_researcher(site: 
         researcher.code.request_code_execution(explode)
         request = next(r for r in admin.requests if r.code.service_func_name == "explode")
         request.approve()
-        try:
-            outcome: Any = researcher.code.explode(data=asset)
-        except Exception as exc:  # noqa: BLE001 - the researcher's view, raised or returned
-            outcome = exc
-    message = str(outcome)
+        raw_code = request.code.raw_code
+    ApprovalRegistry(site.site.path).record(Approval(
+        request_id=str(request.id.no_dash), code_hash=code_hash(raw_code), researcher=RESEARCHER, dataset="imdb",
+        plan={}, calibrated={}, admin=site.meta.admin_email, approved_at="2026-11-26T00:00:00+00:00"))
+
+    message = _call(researcher, "explode", asset)
+
     assert "contact the Server Admin" in message
     assert "PRIVATE:" not in message and "Traceback" not in message
     assert site.worker.dev_mode is False

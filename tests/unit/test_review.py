@@ -23,8 +23,8 @@ def local_round(data, global_weights, plan, roster):
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    from policies.dp import private_local_round
-    from policies.secagg import mask_update
+    from policies.site_runtime import run_stage
+    from researcher.models import TrainableSet
 
     class Classifier(torch.nn.Module):
         def __init__(self, config):
@@ -40,8 +40,8 @@ def local_round(data, global_weights, plan, roster):
     model.load_state_dict(OrderedDict((k, torch.tensor(np.asarray(v))) for k, v in global_weights.items()))
     steps = math.ceil(plan["local_epochs"] * len(data) / plan["batch_size"])
     loss_fn = torch.nn.CrossEntropyLoss()
-    delta = private_local_round(model=model, data=data, loss_fn=loss_fn, steps=steps, plan=plan)
-    return mask_update(delta, roster=roster, round_index=plan["round"])
+    trainable = TrainableSet(kind="full")
+    return run_stage(data, model=model, loss_fn=loss_fn, steps=steps, plan=plan, trainable=trainable)
 '''
 
 
@@ -53,6 +53,15 @@ def hits(review: CodeReview) -> set[tuple[str, int, str]]:
 # --- a clean function ---------------------------------------------------------------------------
 
 
+def test_site_internals_other_than_the_runtime_are_flagged() -> None:
+    # Execute
+    review = review_code("from policies.dp import local_dp_round\nfrom policies.approvals import Approval\n")
+
+    # Assert
+    assert {(f.category.value, f.detail.split(": ")[0]) for f in review.findings} == {
+        ("dynamic-code", "policies.dp.local_dp_round"), ("file", "policies.approvals.Approval")}
+
+
 def test_a_realistic_training_function_is_clean() -> None:
     # Execute
     review = review_code(CLEAN_TRAINING_FUNCTION)
@@ -61,7 +70,7 @@ def test_a_realistic_training_function_is_clean() -> None:
     assert review.findings == ()
     assert review.verdict == "clean"
     assert review.imports == (
-        "math", "collections", "numpy", "torch", "transformers", "policies.dp", "policies.secagg",
+        "math", "collections", "numpy", "torch", "transformers", "policies.site_runtime", "researcher.models",
     )
     assert review.code_sha256 == code_hash(CLEAN_TRAINING_FUNCTION)
 

@@ -1,0 +1,95 @@
+"""The execution guard a Fedsite datasite installs around syft's user-code execution at start-up.
+
+syft 0.9.5's own approval and run limits are not enough (DESIGN.md, "Enforcement"): this wraps
+``ActionService._user_code_execute``, the one place where approved code meets private data, both in
+blocking calls and in forked job workers (they inherit the wrapped class). Before any code runs it
+checks the site's own approval registry for the exact code hash, researcher and dataset, records the
+refusal in the site's audit log, and refuses by raising; an authorised run gets an
+``ExecutionContext`` that the site's runtime in ``policies`` reads.
+
+Several sites can live in one process (tests, the in-process demo); the guard finds the site by
+the executing server's id and refuses code on a server it does not know (fail closed).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from policies.approvals import ApprovalRegistry, ExecutionContext, authorised
+from policies.audit import AuditLog, ExecutionRefused
+from policies.review import code_hash
+
+_sites: dict[str, GuardedSite] = {}
+_install_lock = threading.Lock()
+_installed = False
+
+
+@dataclass(frozen=True)
+class GuardedSite:
+    name: str
+    data_dir: Path
+
+
+def register_site(server_uid: str, *, name: str, data_dir: Path) -> None:
+    """Put the site served by ``server_uid`` under the guard (installing the guard once per process)."""
+    install_guard()
+    _sites[server_uid] = GuardedSite(name=name, data_dir=Path(data_dir))
+
+
+def unregister_site(server_uid: str) -> None:
+    _sites.pop(server_uid, None)
+
+
+def is_guard_installed() -> bool:
+    from syft.service.action.action_service import ActionService
+
+    return getattr(ActionService._user_code_execute, "__fedsite_guard__", False) is True
+
+
+def install_guard() -> None:
+    global _installed
+    with _install_lock:
+        if _installed:
+            return
+        from syft.service.action.action_service import ActionService
+
+        original = ActionService._user_code_execute
+
+        @functools.wraps(original)
+        def guarded(self: Any, context: Any, code_item: Any, kwargs: dict[str, Any], result_id: Any = None) -> Any:
+            execution = authorise(context, code_item, kwargs)
+            with authorised(execution):
+                return original(self, context, code_item, kwargs, result_id)
+
+        guarded.__fedsite_guard__ = True  # type: ignore[attr-defined]
+        ActionService._user_code_execute = guarded
+        _installed = True
+
+
+def _refuse(message: str) -> Exception:
+    from syft.types.errors import SyftException
+
+    return SyftException(public_message=message)
+
+
+def authorise(context: Any, code_item: Any, kwargs: dict[str, Any]) -> ExecutionContext:
+    """The site's decision on one execution; raises (before any code runs) unless it is approved."""
+    site = _sites.get(str(context.server.id.no_dash))
+    if site is None:
+        raise _refuse("refused: this server is not a registered Fedsite site (the guard fails closed)")
+    researcher = context.server.services.user.get_current_user(context).email
+    digest = code_hash(code_item.raw_code)
+    approval = ApprovalRegistry(site.data_dir).find(digest, researcher=researcher)
+    audit = AuditLog(site.data_dir)
+    request_id = str(code_item.id.no_dash)
+    if approval is None:
+        reason = (f"{site.name}: refused: code {digest[:12]} has no Fedsite approval for {researcher} "
+                  "(unapproved, changed after approval, or revoked); submit it for review")
+        audit.record(ExecutionRefused(request_id=request_id, code_hash=digest, researcher=researcher,
+                                      dataset="?", round=None, reason=reason))
+        raise _refuse(reason)
+    return ExecutionContext(site=site.name, data_dir=site.data_dir, approval=approval, researcher=researcher)
