@@ -1,0 +1,207 @@
+"""Centralised IMDB test accuracy of the default model: non-private and DP at several epsilons.
+
+The reference the federated runs are compared with. DP training is the site's own code
+(``policies.dp.train_dp_sgd``: Poisson sampling, clipping, noise, BatchMemoryManager), with the noise
+multiplier calibrated by ``policies.accounting`` (PRV) for ``epochs`` passes at q = batch / n.
+
+    python bench/accuracy.py --quick      # a few minutes on CPU: 1000 train / 500 test, seq 64, LoRA
+    python bench/accuracy.py --train-size 25000 --test-size 25000 --epochs 3 --seq-len 256 --device cuda
+
+``--epsilons inf,1,3,8``: ``inf`` is the non-private baseline (same model, trainable set, steps,
+batch and AdamW, no clipping or noise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+import transformers
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from policies.accounting import calibrate_noise_multiplier, epsilon_of
+from policies.dp import CalibratedPlan, DPPlan, _trim_padding, encode_texts, train_dp_sgd
+from researcher.models import TrainableSet, build_model, load_tokenizer
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "imdb"
+
+
+@dataclass(frozen=True)
+class Row:
+    epsilon: float  # inf for non-private
+    noise_multiplier: float
+    steps: int
+    train_s: float
+    accuracy: float
+
+
+def _load(path: Path, size: int, seed: int) -> tuple[list[str], list[int]]:
+    frame = pd.read_parquet(path, columns=["text", "label"])
+    frame = frame.sample(n=min(size, len(frame)), random_state=seed)  # the files are sorted by label
+    return frame["text"].astype(str).tolist(), frame["label"].astype(int).tolist()
+
+
+def _model(args: argparse.Namespace, device: torch.device) -> nn.Module:
+    torch.manual_seed(args.seed)
+    return build_model(args.model, trainable=TrainableSet(kind=args.trainable, top_k=args.top_k)).to(device)
+
+
+def _autocast(args: argparse.Namespace, device: torch.device):  # type: ignore[no-untyped-def]
+    amp = torch.bfloat16 if args.dtype == "bf16" else None
+    return torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: TensorDataset, args: argparse.Namespace, device: torch.device) -> float:
+    model.eval()
+    correct = 0
+    for input_ids, attention_mask, labels in DataLoader(dataset, batch_size=args.eval_batch):
+        input_ids, attention_mask = _trim_padding(input_ids.to(device), attention_mask.to(device))
+        with _autocast(args, device):
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        correct += int((logits.argmax(dim=-1).cpu() == labels).sum())
+    return correct / len(dataset)
+
+
+def train_non_private(model: nn.Module, dataset: TensorDataset, steps: int, args: argparse.Namespace, device: torch.device) -> None:
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(args.seed)
+    done = 0
+    while done < steps:
+        for batch in DataLoader(dataset, batch_size=args.batch, shuffle=True, generator=generator):
+            for chunk in zip(*(t.split(args.physical_batch) for t in batch), strict=True):
+                input_ids, attention_mask = _trim_padding(chunk[0].to(device), chunk[1].to(device))
+                with _autocast(args, device):
+                    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+                loss = nn.functional.cross_entropy(logits.float(), chunk[2].to(device), reduction="sum")
+                (loss / len(batch[2])).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done += 1
+            if done == steps:
+                return
+
+
+def run(args: argparse.Namespace) -> list[Row]:
+    device = torch.device(args.device)
+    tokenizer = load_tokenizer(args.model)
+    train_texts, train_labels = _load(args.data / "train.parquet", args.train_size, args.seed)
+    test_texts, test_labels = _load(args.data / "test.parquet", args.test_size, args.seed)
+    train = encode_texts(tokenizer, train_texts, train_labels, max_length=args.seq_len)
+    test = encode_texts(tokenizer, test_texts, test_labels, max_length=args.seq_len)
+    n = len(train_labels)
+    sample_rate = args.batch / n
+    steps = max(1, round(args.epochs / sample_rate))
+    rows = []
+    for epsilon in args.epsilons:
+        model = _model(args, device)
+        start = time.perf_counter()
+        if math.isinf(epsilon):
+            sigma = 0.0
+            train_non_private(model, train, steps, args, device)
+        else:
+            sigma = calibrate_noise_multiplier(
+                target_epsilon=epsilon, delta=args.delta, sample_rate=sample_rate, steps=steps, accountant="prv"
+            )
+            plan = DPPlan(
+                clip_norm=args.clip_norm,
+                delta=args.delta,
+                expected_batch_size=args.batch,
+                local_steps=steps,
+                rounds=1,
+                noise_multiplier=sigma,
+                learning_rate=args.dp_lr,
+                max_physical_batch_size=args.physical_batch,
+                max_length=args.seq_len,
+                clipping_mode=args.mode,
+            )
+            reached = epsilon_of([(sigma, sample_rate, steps)], delta=args.delta, accountant="prv")
+            calibrated = CalibratedPlan(
+                plan=plan,
+                n_records=n,
+                noise_multiplier=sigma,
+                sample_rate=sample_rate,
+                run_epsilon=reached,
+                projected_epsilon=reached,
+                budget_epsilon=epsilon,
+            )
+            amp = torch.bfloat16 if args.dtype == "bf16" else None
+            train_dp_sgd(model, train, plan=calibrated, device=device, amp_dtype=amp)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        train_s = time.perf_counter() - start
+        rows.append(Row(epsilon, sigma, steps, train_s, evaluate(model, test, args, device)))
+        print(f"  epsilon={epsilon}: accuracy {rows[-1].accuracy:.4f}, train {train_s:.0f} s", flush=True)
+    return rows
+
+
+def table(rows: list[Row]) -> str:
+    lines = [
+        "| epsilon (delta=1e-5) | noise multiplier | steps | train wall s | test accuracy |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        label = "non-private" if math.isinf(row.epsilon) else f"{row.epsilon:g}"
+        lines.append(f"| {label} | {row.noise_multiplier:.3f} | {row.steps} | {row.train_s:.0f} | {row.accuracy:.4f} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="HF name or path (default: packaged all-MiniLM-L6-v2)")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with train.parquet and test.parquet")
+    parser.add_argument("--train-size", type=int, default=25_000)
+    parser.add_argument("--test-size", type=int, default=25_000)
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=256, help="(expected) logical batch")
+    parser.add_argument("--physical-batch", type=int, default=128)
+    parser.add_argument("--eval-batch", type=int, default=128)
+    parser.add_argument("--epsilons", type=lambda s: [float(x) for x in s.split(",")], default=[math.inf, 1.0, 3.0, 8.0])
+    parser.add_argument("--delta", type=float, default=1e-5)
+    parser.add_argument("--clip-norm", type=float, default=1.0)
+    parser.add_argument("--trainable", choices=["full", "top_k", "lora"], default="lora")
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--mode", choices=["ghost", "hooks"], default="hooks")
+    parser.add_argument("--lr", type=float, default=5e-4, help="non-private AdamW learning rate")
+    parser.add_argument("--dp-lr", type=float, default=2e-3, help="DP AdamW learning rate")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="1000 train / 500 test, seq 64, batch 64, 1 epoch")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.train_size, args.test_size, args.seq_len, args.batch, args.physical_batch = 1000, 500, 64, 64, 32
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
+    print(
+        f"# accuracy: {args.model or 'all-MiniLM-L6-v2'}, trainable={args.trainable}, mode={args.mode}, {args.dtype}, "
+        f"train {args.train_size} / test {args.test_size}, seq {args.seq_len}, batch {args.batch}, "
+        f"{args.epochs:g} epoch(s), clip {args.clip_norm}, lr {args.lr} (DP {args.dp_lr}), on {device_name}",
+        flush=True,
+    )
+    print(table(run(args)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,765 @@
+"""The site's DP-SGD step: one federated round of local training on the private partition.
+
+The researcher supplies the model (and its tokenizer); everything that the privacy guarantee rests
+on is here, in code the site installed: Poisson sampling, per-sample clipping, Gaussian noise, the
+step count, the accountant and the ledger write. The DP-SGD algorithm is Abadi et al., CCS 2016,
+Algorithm 1, as implemented by Opacus (``DPDataLoader``, ``GradSampleModule`` / ghost clipping,
+``DPOptimizer``, ``BatchMemoryManager``). Parameters come from a ``CalibratedPlan`` that the site
+approved, never from the researcher's function.
+
+One round (``local_dp_round``):
+
+1. check the model's trainable layers (each must be one whose per-sample gradient is exact);
+2. fingerprint the (texts, labels) it was handed; if they are not the private partition the site
+   recorded, this is syft's second execution on the mock: return a zero delta marked ``is_mock``
+   without training or spending;
+3. check the ledger can pay for ``local_steps`` noisy steps (refuse before training otherwise);
+4. run exactly ``local_steps`` logical DP-SGD steps, physical batches bounded by BatchMemoryManager;
+5. cross-check the steps Opacus's accountant saw against the event; spend it in the ledger (fsync'd);
+6. return the delta of the trainable parameters. Only then may anything leave the site.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from opacus import GradSampleModule
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.data_loader import DPDataLoader
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+from opacus.validators import ModuleValidator
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from policies.accounting import (
+    ACCOUNTANTS,
+    AccountingError,
+    HistoryEntry,
+    PrivacyEvent,
+    calibrate_noise_multiplier,
+    check_accountant,
+    check_delta,
+    check_epsilon,
+    check_noise_multiplier,
+    epsilon_of,
+)
+from policies.fingerprint import partition_fingerprint
+from policies.ledger import BudgetExceededError, LedgerRecord, PrivacyLedger
+
+# "ghost": Opacus ghost clipping (Li et al., "Large Language Models Can Be Strong Differentially
+# Private Learners", ICLR 2022; Bu et al. 2023): per-sample gradient *norms* from activations and
+# output gradients, then a second backward pass on the clipped loss, so per-sample gradients of
+# embeddings and linear layers are never materialised. "hooks": Opacus's per-sample gradients
+# (Goodfellow 2015 trick per layer), materialised and clipped. Both are exact. "hooks" is the
+# default: with LoRA + head it ran at 0.94x the non-private throughput (MiniLM, H200, batch 128,
+# fp32), ghost at 0.59x; ghost's advantage is memory when every parameter trains (README).
+CLIPPING_MODES = ("ghost", "hooks")
+DEFAULT_CLIPPING_MODE = "hooks"  # chosen from bench/dp_throughput.py (README: "DP throughput")
+OPTIMIZERS = ("adamw", "sgd")
+
+
+class DPPlanError(ValueError):
+    """A DP plan parameter is out of range or inconsistent with the data; nothing was trained."""
+
+
+class UnsupportedLayerError(DPPlanError):
+    """A trainable layer has no exact per-sample gradient in the chosen clipping mode."""
+
+
+def _plan_number(name: str, value: object, *, integer: bool = False) -> float:
+    kinds: tuple[type, ...] = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise DPPlanError(f"{name} must be {'an int' if integer else 'a number'}, got {value!r}")
+    if not math.isfinite(value):  # type: ignore[arg-type]
+        raise DPPlanError(f"{name} must be finite, got {value}")
+    return value  # type: ignore[return-value]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DPPlan:
+    """What a researcher asks a site to run, validated in full before anything trains.
+
+    Exactly one of ``target_epsilon`` and ``noise_multiplier`` is given. The site turns a plan into a
+    ``CalibratedPlan`` (``calibrate_plan``) at approval time, against its ledger and its data size.
+    """
+
+    clip_norm: float  # C: per-sample gradient L2 bound; > 0
+    delta: float  # delta of target_epsilon; in (0, 1), and < 1/n_records (checked with the data)
+    expected_batch_size: int  # Poisson sampling gives batches of this size on average; 1 <= B <= n_records
+    local_steps: int  # noisy optimizer steps per round at the site; >= 1
+    rounds: int  # federated rounds of this run; >= 1 (total steps = rounds * local_steps)
+    target_epsilon: float | None = None  # epsilon of this whole run (all rounds) at delta; > 0
+    noise_multiplier: float | None = None  # sigma, instead of target_epsilon; > 0
+    learning_rate: float = 5e-4  # optimizer step size; > 0
+    optimizer: str = "adamw"  # "adamw" or "sgd" (post-processing of the noisy gradient either way)
+    max_physical_batch_size: int = 128  # memory bound on one forward/backward; >= 1
+    max_length: int = 256  # tokens per text after truncation; >= 2
+    accountant: str = "prv"  # "prv" (Gopi et al. 2021) or "rdp" (Mironov et al. 2019)
+    clipping_mode: str = DEFAULT_CLIPPING_MODE  # "ghost" or "hooks" (see CLIPPING_MODES)
+    secure_mode: bool = False  # floating-point-safe noise and unpredictable generators (see _generators)
+
+    def __post_init__(self) -> None:
+        clip = _plan_number("clip_norm", self.clip_norm)
+        if clip <= 0:
+            raise DPPlanError(f"clip_norm must be > 0, got {clip}: pass e.g. clip_norm=1.0")
+        try:
+            check_delta(self.delta)
+            if self.target_epsilon is not None:
+                check_epsilon(self.target_epsilon)
+            if self.noise_multiplier is not None:
+                check_noise_multiplier(self.noise_multiplier)
+            check_accountant(self.accountant)
+        except AccountingError as exc:
+            raise DPPlanError(str(exc)) from exc
+        if (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise DPPlanError(
+                f"give exactly one of target_epsilon and noise_multiplier, got target_epsilon={self.target_epsilon!r} "
+                f"and noise_multiplier={self.noise_multiplier!r}"
+            )
+        for name, low in (
+            ("expected_batch_size", 1),
+            ("local_steps", 1),
+            ("rounds", 1),
+            ("max_physical_batch_size", 1),
+            ("max_length", 2),
+        ):
+            value = _plan_number(name, getattr(self, name), integer=True)
+            if value < low:
+                raise DPPlanError(f"{name} must be >= {low}, got {value}")
+        if _plan_number("learning_rate", self.learning_rate) <= 0:
+            raise DPPlanError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.optimizer not in OPTIMIZERS:
+            raise DPPlanError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.clipping_mode not in CLIPPING_MODES:
+            raise DPPlanError(f"clipping_mode must be one of {CLIPPING_MODES}, got {self.clipping_mode!r}")
+        if not isinstance(self.secure_mode, bool):
+            raise DPPlanError(f"secure_mode must be a bool, got {self.secure_mode!r}")
+
+    @property
+    def total_steps(self) -> int:
+        return self.rounds * self.local_steps
+
+    def check_records(self, n_records: int) -> None:
+        """Refuse a plan that does not fit a partition of ``n_records`` records."""
+        if isinstance(n_records, bool) or not isinstance(n_records, int) or n_records < 1:
+            raise DPPlanError(f"n_records must be an int >= 1, got {n_records!r}")
+        if self.expected_batch_size > n_records:
+            raise DPPlanError(
+                f"expected_batch_size={self.expected_batch_size} is larger than the data ({n_records} records): "
+                f"choose expected_batch_size <= {n_records}"
+            )
+        if self.delta >= 1.0 / n_records:
+            raise DPPlanError(
+                f"delta={self.delta:g} is not below 1/n_records={1.0 / n_records:g} for {n_records} records "
+                f"(a larger delta allows releasing a record outright): choose delta <= {0.1 / n_records:.1g}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(raw: Mapping[str, Any]) -> DPPlan:
+        """Parse a plan from JSON-like data; unknown keys are refused, types are not coerced."""
+        if not isinstance(raw, Mapping):
+            raise DPPlanError(f"a DP plan must be a mapping, got {type(raw).__name__}")
+        known = {f.name for f in fields(DPPlan)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise DPPlanError(f"unknown DP plan fields {unknown}: the fields are {sorted(known)}")
+        values = dict(raw)
+        for name in ("clip_norm", "delta", "target_epsilon", "noise_multiplier", "learning_rate"):
+            # JSON writes 1.0 as 1; accept an int for a float field (never a bool).
+            if isinstance(values.get(name), int) and not isinstance(values.get(name), bool):
+                values[name] = float(values[name])
+        try:
+            return DPPlan(**values)
+        except TypeError as exc:
+            raise DPPlanError(f"incomplete DP plan: {exc}") from exc
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibratedPlan:
+    """A plan the site approved for a partition of ``n_records``: the noise is now fixed for the whole run."""
+
+    plan: DPPlan
+    n_records: int  # size of the private partition it was calibrated for
+    noise_multiplier: float  # sigma used in every step of every round
+    sample_rate: float  # q = expected_batch_size / n_records
+    run_epsilon: float  # epsilon of this run alone (rounds * local_steps steps) at plan.delta
+    projected_epsilon: float  # epsilon of the ledger's history composed with this whole run, at the budget's delta
+    budget_epsilon: float  # the budget it was checked against
+
+    def __post_init__(self) -> None:
+        self.plan.check_records(self.n_records)
+        try:
+            check_noise_multiplier(self.noise_multiplier)
+        except AccountingError as exc:
+            raise DPPlanError(str(exc)) from exc
+        expected = self.plan.expected_batch_size / self.n_records
+        if not math.isclose(self.sample_rate, expected, rel_tol=1e-12):
+            raise DPPlanError(f"sample_rate={self.sample_rate!r} is not expected_batch_size / n_records = {expected!r}")
+
+    def event(self, *, run_id: str, round_index: int) -> PrivacyEvent:
+        """The privacy event of one round of this plan."""
+        return PrivacyEvent(
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rate,
+            steps=self.plan.local_steps,
+            run_id=run_id,
+            round_index=round_index,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        document = asdict(self)
+        document["plan"] = self.plan.to_dict()
+        return document
+
+    @staticmethod
+    def from_dict(raw: Mapping[str, Any]) -> CalibratedPlan:
+        values = dict(raw)
+        values["plan"] = DPPlan.from_dict(values.get("plan", {}))
+        return CalibratedPlan(**values)
+
+
+def calibrate_plan(plan: DPPlan, *, n_records: int, ledger: PrivacyLedger) -> CalibratedPlan:
+    """Fix the noise multiplier of ``plan`` for a site's partition and ledger (at approval time).
+
+    sigma is the larger of (a) the researcher's ask: the run alone reaches ``plan.target_epsilon`` at
+    ``plan.delta`` over ``rounds * local_steps`` steps, and (b) the site's budget: the ledger's history
+    composed with the whole run stays within the budget at the budget's delta. With an explicit
+    ``plan.noise_multiplier`` only (b) is checked, and a plan that does not fit is refused.
+    """
+    plan.check_records(n_records)
+    if plan.accountant != ledger.accountant:
+        raise DPPlanError(f"plan accountant={plan.accountant!r} differs from the ledger's {ledger.accountant!r}")
+    budget = ledger.budget
+    sample_rate = plan.expected_batch_size / n_records
+    steps = plan.total_steps
+    history = ledger.history()
+    try:
+        if plan.noise_multiplier is not None:
+            sigma = float(plan.noise_multiplier)
+        else:
+            sigma = calibrate_noise_multiplier(
+                target_epsilon=float(plan.target_epsilon or 0.0),
+                delta=plan.delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=plan.accountant,
+            )
+            budget_sigma = calibrate_noise_multiplier(
+                target_epsilon=budget.epsilon,
+                delta=budget.delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=plan.accountant,
+                prior=history,
+            )
+            sigma = max(sigma, budget_sigma)
+    except AccountingError as exc:
+        raise BudgetExceededError(f"site {ledger.site!r}: {exc}") from exc
+    projected = epsilon_of([*history, (sigma, sample_rate, steps)], delta=budget.delta, accountant=plan.accountant)
+    if projected > budget.epsilon:
+        raise BudgetExceededError(
+            f"site {ledger.site!r} refuses the plan for dataset {ledger.dataset!r} and researcher {ledger.researcher!r}: "
+            f"{steps} steps at noise_multiplier={sigma:g}, sample_rate={sample_rate:g} would reach "
+            f"epsilon={projected:.4f} (delta={budget.delta:g}), over the budget epsilon={budget.epsilon:g}"
+        )
+    run_epsilon = epsilon_of([(sigma, sample_rate, steps)], delta=plan.delta, accountant=plan.accountant)
+    return CalibratedPlan(
+        plan=plan,
+        n_records=n_records,
+        noise_multiplier=sigma,
+        sample_rate=sample_rate,
+        run_epsilon=run_epsilon,
+        projected_epsilon=projected,
+        budget_epsilon=budget.epsilon,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The model side: which layers may train, and the position_ids fix.
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
+
+
+def check_trainable_layers(model: nn.Module, *, clipping_mode: str) -> None:
+    """Refuse a model whose trainable parameters are not all in layers with exact per-sample gradients.
+
+    Every module that directly owns a trainable parameter must be a layer Opacus has a registered
+    per-sample gradient (hooks) or norm (ghost) function for; anything else would fall back to
+    generic machinery or fail halfway through training. Opacus's own validator also runs (it refuses
+    BatchNorm, whose running statistics mix records, among others).
+    """
+    if clipping_mode not in CLIPPING_MODES:
+        raise DPPlanError(f"clipping_mode must be one of {CLIPPING_MODES}, got {clipping_mode!r}")
+    supported = set(GradSampleModule.GRAD_SAMPLERS)
+    if not trainable_parameters(model):
+        raise UnsupportedLayerError("the model has no trainable parameters: select a trainable set")
+    for name, module in model.named_modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)) and type(module) not in supported:
+            raise UnsupportedLayerError(
+                f"trainable layer {name!r} is a {type(module).__name__}, which has no exact per-sample gradient "
+                f"in clipping_mode={clipping_mode!r}: freeze it or choose a trainable set of "
+                f"{sorted(t.__name__ for t in supported)} layers"
+            )
+    ModuleValidator.validate(model, strict=True)
+
+
+class BatchedEmbeddingIndices:
+    """Give every trainable embedding an index tensor with the batch dimension it is used with.
+
+    Hugging Face BERT looks up position embeddings with its ``position_ids`` buffer of shape [1, L]
+    and lets broadcasting add the [1, L, H] result to the [B, L, H] token embeddings. The gradient of
+    that lookup is then summed over the batch before any hook sees it, and Opacus's per-sample
+    gradient of ``position_embeddings.weight`` has batch size 1 ([1, max_len, H]): the per-sample
+    norms are wrong or (Opacus 1.6) the clipping fails on mismatched shapes. The fix changes no value:
+    a forward pre-hook on each trainable ``nn.Embedding`` expands a batch-1 index tensor to
+    [B, L] (B read from ``input_ids`` by a pre-hook on the model), so the lookup returns [B, L, H],
+    the addition is elementwise, and each record's gradient reaches the embedding separately.
+    The token-type ids, which HF expands from a buffer with stride 0, are made contiguous, since
+    Opacus's ghost-clipping norm of an embedding reshapes its ids with ``view``.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.batch_size: int | None = None
+        self._handles = [model.register_forward_pre_hook(self._record_batch_size, with_kwargs=True)]
+        for module in model.modules():
+            if isinstance(module, nn.Embedding) and module.weight.requires_grad:
+                self._handles.append(module.register_forward_pre_hook(self._expand_indices))
+
+    def _record_batch_size(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        for tensor in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args[:1]):
+            if isinstance(tensor, torch.Tensor) and tensor.dim() >= 2:
+                self.batch_size = int(tensor.shape[0])
+                return
+
+    def _expand_indices(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        indices = args[0] if args else None
+        if self.batch_size is None or not isinstance(indices, torch.Tensor) or indices.dim() < 1:
+            return None
+        if indices.shape[0] == 1 and self.batch_size > 1:
+            # [1, L] -> [B, L]: same ids for every record, one row of gradients per record.
+            return (indices.expand(self.batch_size, *indices.shape[1:]).contiguous(), *args[1:])
+        if not indices.is_contiguous():
+            # HF expands token_type_ids with stride 0; Opacus's ghost norm calls .view() on the ids.
+            return (indices.contiguous(), *args[1:])
+        return None
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+# ----------------------------------------------------------------------------------------------
+# Data.
+
+
+def encode_texts(tokenizer: Any, texts: Sequence[str], labels: Sequence[int], *, max_length: int) -> TensorDataset:
+    """Tokenize to a TensorDataset of (input_ids [n, max_length], attention_mask [n, max_length], labels [n])."""
+    if len(texts) != len(labels):
+        raise DPPlanError(f"texts and labels differ in length: {len(texts)} != {len(labels)}")
+    encoded = tokenizer(
+        [str(text) for text in texts],
+        truncation=True,
+        max_length=max_length,
+        padding="max_length",
+        return_tensors="pt",
+    )
+    label_tensor = torch.tensor([int(label) for label in labels], dtype=torch.long)
+    return TensorDataset(encoded["input_ids"], encoded["attention_mask"], label_tensor)
+
+
+def _trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the columns that are padding in every row of this physical batch (right padding)."""
+    length = max(int(attention_mask.sum(dim=1).max().item()), 1)
+    return input_ids[:, :length].contiguous(), attention_mask[:, :length].contiguous()  # [b, length] each
+
+
+# ----------------------------------------------------------------------------------------------
+# Training.
+
+
+def _fresh_seed() -> int:
+    return int.from_bytes(os.urandom(8), "big") & ((1 << 63) - 1)
+
+
+@dataclass
+class _Generators:
+    """Randomness for Poisson sampling (CPU) and noise (the parameters' device).
+
+    Seeds come from the OS CSPRNG, so nothing the researcher controls can predict the noise. In
+    secure_mode, Opacus's torchcsprng generator is used when installed; otherwise both generators are
+    reseeded from /dev/urandom (64 bits) before every logical step, so the noise of one step says
+    nothing about the next. Opacus's secure noise (sum of several Gaussian draws) defends against the
+    floating-point attack of Jin et al. 2022 either way.
+    """
+
+    sampling: torch.Generator
+    noise: torch.Generator
+    reseed_each_step: bool
+
+    def reseed(self) -> None:
+        if self.reseed_each_step:
+            self.sampling.manual_seed(_fresh_seed())
+            self.noise.manual_seed(_fresh_seed())
+
+
+def _generators(device: torch.device, *, secure_mode: bool, seed: int | None) -> _Generators:
+    if secure_mode:
+        if seed is not None:
+            raise DPPlanError("a seed makes the noise predictable: it is refused with secure_mode=True")
+        try:
+            import torchcsprng
+        except ImportError:
+            pass
+        else:
+            secure = torchcsprng.create_random_device_generator("/dev/urandom")
+            return _Generators(sampling=secure, noise=secure, reseed_each_step=False)
+    sampling = torch.Generator(device="cpu")
+    noise = torch.Generator(device=device)
+    sampling.manual_seed(_fresh_seed() if seed is None else seed)
+    noise.manual_seed(_fresh_seed() if seed is None else seed + 1)
+    return _Generators(sampling=sampling, noise=noise, reseed_each_step=secure_mode)
+
+
+@dataclass
+class _DPTraining:
+    """The Opacus objects of one round, wired to one model."""
+
+    model: nn.Module  # the caller's model
+    module: nn.Module  # the GradSampleModule wrapping the model
+    optimizer: DPOptimizer
+    loader: DPDataLoader
+    accountant: PRVAccountant | RDPAccountant
+    criterion: Any  # DPLossFastGradientClipping (ghost) or None (hooks: plain mean cross-entropy)
+    embedding_fix: BatchedEmbeddingIndices
+    generators: _Generators
+
+    def close(self) -> None:
+        """Remove every hook and every trace of un-noised values from the caller's model.
+
+        Opacus's own clean-up leaves ``p.summed_grad`` (the clipped gradient sum *before* noise),
+        ``p.grad`` and the modules' captured ``activations`` (private inputs) behind when a step did
+        not complete. The researcher's function holds the model after we return or raise, so all of
+        it goes.
+        """
+        self.embedding_fix.remove()
+        self.module._close()  # type: ignore[operator]
+        for parameter in self.model.parameters():
+            parameter.grad = None
+            if hasattr(parameter, "summed_grad"):
+                del parameter.summed_grad
+        for module in self.model.modules():
+            for attribute in ("activations", "max_batch_len"):
+                if attribute in module.__dict__:  # not hasattr: peft wrappers forward attribute reads
+                    delattr(module, attribute)
+
+
+def _dp_training(
+    model: nn.Module,
+    dataset: TensorDataset,
+    *,
+    noise_multiplier: float,
+    clip_norm: float,
+    sample_rate: float,
+    expected_batch_size: int,
+    clipping_mode: str,
+    optimizer_name: str,
+    learning_rate: float,
+    accountant: str,
+    secure_mode: bool,
+    device: torch.device,
+    seed: int | None = None,
+) -> _DPTraining:
+    """Wire Opacus around ``model``. ``noise_multiplier`` may be 0 here only for the reference tests."""
+    params = [parameter for _, parameter in trainable_parameters(model)]
+    if optimizer_name == "adamw":
+        base: torch.optim.Optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    else:
+        base = torch.optim.SGD(params, lr=learning_rate)
+    generators = _generators(device, secure_mode=secure_mode, seed=seed)
+    embedding_fix = BatchedEmbeddingIndices(model)
+    optimizer: DPOptimizer
+    criterion = None
+    if clipping_mode == "ghost":
+        module: nn.Module = GradSampleModuleFastGradientClipping(
+            model, batch_first=True, loss_reduction="mean", max_grad_norm=clip_norm, use_ghost_clipping=True
+        )
+        optimizer = DPOptimizerFastGradientClipping(
+            base,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=clip_norm,
+            expected_batch_size=expected_batch_size,
+            loss_reduction="mean",
+            generator=generators.noise,
+            secure_mode=secure_mode,
+        )
+        criterion = DPLossFastGradientClipping(module, optimizer, nn.CrossEntropyLoss(reduction="mean"), "mean")
+    else:
+        module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+        optimizer = DPOptimizer(
+            base,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=clip_norm,
+            expected_batch_size=expected_batch_size,
+            loss_reduction="mean",
+            generator=generators.noise,
+            secure_mode=secure_mode,
+        )
+    tracker: PRVAccountant | RDPAccountant = PRVAccountant() if accountant == "prv" else RDPAccountant()
+    optimizer.attach_step_hook(tracker.get_optimizer_hook_fn(sample_rate=sample_rate))
+    loader = DPDataLoader(dataset, sample_rate=sample_rate, generator=generators.sampling)
+    return _DPTraining(model, module, optimizer, loader, tracker, criterion, embedding_fix, generators)
+
+
+def _steps_taken(accountant: PRVAccountant | RDPAccountant) -> int:
+    return sum(steps for _, _, steps in accountant.history)
+
+
+def _empty_batch_gradients(training: _DPTraining, clipping_mode: str) -> None:
+    """An empty Poisson batch still takes a noisy step (the mechanism releases noise, not nothing)."""
+    for parameter in training.optimizer.params:
+        if clipping_mode == "ghost":
+            parameter.grad = torch.zeros_like(parameter)
+        else:
+            parameter.grad_sample = torch.zeros((0, *parameter.shape), dtype=parameter.dtype, device=parameter.device)
+
+
+def _physical_step(
+    training: _DPTraining,
+    batch: Sequence[torch.Tensor],
+    *,
+    clipping_mode: str,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, int]:
+    """Forward and backward of one physical batch; returns (summed loss as a 0-d tensor, batch size).
+
+    ``batch`` is (input_ids [b, L], attention_mask [b, L], labels [b]) on the CPU; padding is trimmed
+    there, so no device synchronisation happens per step.
+    """
+    input_ids, attention_mask, labels = batch
+    if input_ids.shape[0] == 0:
+        _empty_batch_gradients(training, clipping_mode)
+        return torch.zeros(()), 0
+    input_ids, attention_mask = _trim_padding(input_ids, attention_mask)
+    input_ids, attention_mask, labels = (t.to(device, non_blocking=True) for t in (input_ids, attention_mask, labels))
+    with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        outputs = training.module(input_ids=input_ids, attention_mask=attention_mask)
+    logits = (outputs.logits if hasattr(outputs, "logits") else outputs[0]).float()  # [b, num_labels]
+    if clipping_mode == "ghost":
+        loss = training.criterion(logits, labels)
+    else:
+        loss = nn.functional.cross_entropy(logits, labels)
+    loss.backward()
+    return loss.detach() * labels.shape[0], int(labels.shape[0])
+
+
+def _run_steps(
+    training: _DPTraining,
+    *,
+    steps: int,
+    max_physical_batch_size: int,
+    clipping_mode: str,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+) -> float:
+    """Exactly ``steps`` logical DP-SGD steps; returns the mean training loss (site-internal, not DP)."""
+    loss_sum, seen = torch.zeros((), device=device), 0
+    training.module.train()
+    with BatchMemoryManager(
+        data_loader=training.loader, max_physical_batch_size=max_physical_batch_size, optimizer=training.optimizer
+    ) as physical_loader:
+        while _steps_taken(training.accountant) < steps:
+            for batch in physical_loader:
+                batch_loss, batch_size = _physical_step(
+                    training, batch, clipping_mode=clipping_mode, device=device, amp_dtype=amp_dtype
+                )
+                loss_sum, seen = loss_sum + batch_loss.to(device), seen + batch_size
+                before = _steps_taken(training.accountant)
+                training.optimizer.step()
+                training.optimizer.zero_grad(set_to_none=True)
+                if _steps_taken(training.accountant) > before:
+                    training.generators.reseed()
+                if _steps_taken(training.accountant) >= steps:
+                    break
+    return float(loss_sum) / seen if seen else 0.0
+
+
+@dataclass(frozen=True)
+class LocalRoundResult:
+    """What one round at one site produced; nothing in it has left the site yet.
+
+    ``delta`` maps each trainable parameter name (as in ``model.named_parameters()``) to
+    trained - initial, float32 on CPU, in ``names`` order. For syft's mock execution it is all zeros,
+    ``is_mock`` is True and ``event``/``ledger_record`` are None. ``mean_loss`` and ``n_examples``
+    are computed from private data without noise: keep them inside the site or release them only
+    through the secure sum (DESIGN.md, "Privacy").
+    """
+
+    names: tuple[str, ...]
+    delta: dict[str, torch.Tensor]
+    event: PrivacyEvent | None
+    ledger_record: LedgerRecord | None
+    n_examples: int
+    mean_loss: float
+    is_mock: bool
+
+    @property
+    def shapes(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(tuple(self.delta[name].shape) for name in self.names)
+
+    def flat_delta(self) -> torch.Tensor:
+        """All deltas concatenated in ``names`` order: float32 [sum of numels]."""
+        return torch.cat([self.delta[name].reshape(-1) for name in self.names])
+
+
+def _restore(named: list[tuple[str, nn.Parameter]], initial: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, parameter in named:
+            parameter.copy_(initial[name])
+
+
+def _mock_result(named: list[tuple[str, nn.Parameter]]) -> LocalRoundResult:
+    delta = {name: torch.zeros(parameter.shape, dtype=torch.float32) for name, parameter in named}
+    return LocalRoundResult(
+        names=tuple(delta), delta=delta, event=None, ledger_record=None, n_examples=0, mean_loss=0.0, is_mock=True
+    )
+
+
+def train_dp_sgd(
+    model: nn.Module,
+    dataset: TensorDataset,
+    *,
+    plan: CalibratedPlan,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[float, list[HistoryEntry]]:
+    """``plan.plan.local_steps`` DP-SGD steps on ``dataset`` (no fingerprint, no ledger: the caller's job).
+
+    Returns the mean training loss (site-internal, not DP) and the history Opacus's accountant saw.
+    Used by ``local_dp_round`` and by the centralised benchmarks, so both run the same code.
+    """
+    p = plan.plan
+    training = _dp_training(
+        model,
+        dataset,
+        noise_multiplier=plan.noise_multiplier,
+        clip_norm=p.clip_norm,
+        sample_rate=plan.sample_rate,
+        expected_batch_size=p.expected_batch_size,
+        clipping_mode=p.clipping_mode,
+        optimizer_name=p.optimizer,
+        learning_rate=p.learning_rate,
+        accountant=p.accountant,
+        secure_mode=p.secure_mode,
+        device=device,
+    )
+    try:
+        mean_loss = _run_steps(
+            training,
+            steps=p.local_steps,
+            max_physical_batch_size=p.max_physical_batch_size,
+            clipping_mode=p.clipping_mode,
+            device=device,
+            amp_dtype=amp_dtype,
+        )
+        return mean_loss, list(training.accountant.history)
+    finally:
+        training.close()
+
+
+def local_dp_round(
+    model: nn.Module,
+    texts: Sequence[str],
+    labels: Sequence[int],
+    *,
+    tokenizer: Any,
+    plan: CalibratedPlan,
+    ledger: PrivacyLedger,
+    private_fingerprint: str,
+    run_id: str,
+    round_index: int,
+    device: str | torch.device = "cpu",
+    amp_dtype: torch.dtype | None = None,
+) -> LocalRoundResult:
+    """One round of DP-SGD at a site: train ``model`` in place and return the delta of its trainable parameters.
+
+    ``private_fingerprint`` is the ``partition_fingerprint`` the site recorded for its private
+    partition; data that does not match it is syft's mock run, which neither trains nor spends.
+    ``amp_dtype`` (e.g. torch.bfloat16) only changes arithmetic precision, never the privacy.
+    Raises DPPlanError / UnsupportedLayerError / BudgetExceededError before any training.
+    """
+    if not isinstance(plan, CalibratedPlan):
+        raise DPPlanError(f"plan must be a CalibratedPlan approved by the site, got {type(plan).__name__}")
+    device = torch.device(device)
+    check_trainable_layers(model, clipping_mode=plan.plan.clipping_mode)
+    named = trainable_parameters(model)
+    if len(texts) != len(labels):
+        raise DPPlanError(f"texts and labels differ in length: {len(texts)} != {len(labels)}")
+    if partition_fingerprint(texts, labels) != private_fingerprint:
+        return _mock_result(named)
+    if len(texts) != plan.n_records:
+        raise DPPlanError(f"plan was calibrated for n_records={plan.n_records}, the partition has {len(texts)}")
+    if plan.plan.accountant != ledger.accountant:
+        raise DPPlanError(f"plan accountant={plan.plan.accountant!r} differs from the ledger's {ledger.accountant!r}")
+    event = plan.event(run_id=run_id, round_index=round_index)
+    ledger.check_spend(event)
+
+    dataset = encode_texts(tokenizer, texts, labels, max_length=plan.plan.max_length)
+    model.to(device)
+    initial = {name: parameter.detach().clone() for name, parameter in named}
+    try:
+        mean_loss, seen = train_dp_sgd(model, dataset, plan=plan, device=device, amp_dtype=amp_dtype)
+    except BaseException:
+        # Steps that ran are not in the ledger: leave nothing of them in the caller's model.
+        _restore(named, initial)
+        raise
+    if seen != [event.history_entry()]:
+        _restore(named, initial)
+        raise RuntimeError(f"Opacus accounted {seen}, the round was planned as {event.history_entry()}: nothing released")
+    delta = {name: (parameter.detach() - initial[name]).float().cpu() for name, parameter in named}
+    try:
+        record = ledger.spend(event)
+    except BaseException:
+        _restore(named, initial)
+        raise
+    return LocalRoundResult(
+        names=tuple(delta),
+        delta=delta,
+        event=event,
+        ledger_record=record,
+        n_examples=len(texts),
+        mean_loss=mean_loss,
+        is_mock=False,
+    )
+
+
+__all__ = [
+    "ACCOUNTANTS",
+    "CLIPPING_MODES",
+    "DEFAULT_CLIPPING_MODE",
+    "BatchedEmbeddingIndices",
+    "CalibratedPlan",
+    "DPPlan",
+    "DPPlanError",
+    "LocalRoundResult",
+    "UnsupportedLayerError",
+    "calibrate_plan",
+    "check_trainable_layers",
+    "encode_texts",
+    "local_dp_round",
+    "train_dp_sgd",
+]

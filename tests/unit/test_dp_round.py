@@ -1,0 +1,203 @@
+"""One federated round at a site: trains and spends on the private partition, neither on the mock."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from policies.accounting import epsilon_of
+from policies.budget import BudgetBook, PrivacyBudget
+from policies.dp import (
+    CalibratedPlan,
+    DPPlan,
+    DPPlanError,
+    calibrate_plan,
+    local_dp_round,
+    trainable_parameters,
+)
+from policies.fingerprint import partition_fingerprint
+from policies.ledger import BudgetExceededError, PrivacyLedger
+from researcher.models import TrainableSet, build_model, tiny_bert_config, tiny_tokenizer
+
+pytestmark = pytest.mark.unit
+
+WORDS = ("good", "bad", "movie", "film", "great", "awful", "plot", "actor")
+N = 120
+
+
+def _partition() -> tuple[list[str], list[int]]:
+    texts = [f"{WORDS[i % 8]} {WORDS[(3 * i) % 8]} movie number {'x' * (i % 5)}" for i in range(N)]
+    return texts, [i % 2 for i in range(N)]
+
+
+def _setup(tmp_path: Path, *, epsilon: float = 20.0, mode: str = "ghost", kind: str = "full"):
+    tokenizer = tiny_tokenizer(tmp_path / "tokenizer", words=WORDS)
+    torch.manual_seed(0)
+    model = build_model(config=tiny_bert_config(vocab_size=len(tokenizer)), trainable=TrainableSet(kind=kind))
+    BudgetBook(tmp_path).set("imdb", PrivacyBudget(epsilon=epsilon, delta=1e-3), n_records=N)
+    ledger = PrivacyLedger(tmp_path, "imdb", "alice", site="site-a", accountant="rdp")
+    plan = DPPlan(
+        clip_norm=1.0,
+        delta=1e-3,
+        expected_batch_size=16,
+        local_steps=2,
+        rounds=3,
+        noise_multiplier=1.0,
+        max_physical_batch_size=8,
+        max_length=24,
+        accountant="rdp",
+        clipping_mode=mode,
+    )
+    return model, tokenizer, ledger, calibrate_plan(plan, n_records=N, ledger=ledger)
+
+
+def _parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: parameter.detach().clone() for name, parameter in trainable_parameters(model)}
+
+
+@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+def test_private_round_trains_spends_once_and_returns_the_delta(tmp_path: Path, mode: str) -> None:
+    # Prepare: every parameter trainable, position and token-type embeddings included
+    model, tokenizer, ledger, plan = _setup(tmp_path, mode=mode)
+    texts, labels = _partition()
+    before = _parameters(model)
+
+    # Execute
+    result = local_dp_round(
+        model, texts, labels, tokenizer=tokenizer, plan=plan, ledger=ledger,
+        private_fingerprint=partition_fingerprint(texts, labels), run_id="run-1", round_index=0,
+    )
+
+    # Assert
+    after = _parameters(model)
+    assert not result.is_mock
+    assert result.names == tuple(before) and "bert.embeddings.position_embeddings.weight" in result.names
+    for name in result.names:
+        torch.testing.assert_close(result.delta[name], after[name] - before[name])
+    assert float(result.delta["bert.embeddings.position_embeddings.weight"].abs().sum()) > 0
+    assert result.flat_delta().shape == (sum(t.numel() for t in before.values()),)
+    assert result.event is not None and result.event.history_entry() == (1.0, 16 / N, 2)
+    assert [r.round_index for r in ledger.records()] == [0]
+    assert ledger.spent() == epsilon_of([(1.0, 16 / N, 2)], delta=1e-3, accountant="rdp")
+    assert not model._forward_pre_hooks and not any(hasattr(p, "grad_sample") for p in model.parameters())
+
+
+def test_mock_run_neither_trains_nor_spends(tmp_path: Path) -> None:
+    # Prepare: syft's second execution hands the function the mock partition
+    model, tokenizer, ledger, plan = _setup(tmp_path)
+    texts, labels = _partition()
+    mock_texts, mock_labels = [t.upper() for t in texts[:40]], labels[:40]
+    before = _parameters(model)
+
+    # Execute
+    result = local_dp_round(
+        model, mock_texts, mock_labels, tokenizer=tokenizer, plan=plan, ledger=ledger,
+        private_fingerprint=partition_fingerprint(texts, labels), run_id="run-1", round_index=0,
+    )
+
+    # Assert
+    assert result.is_mock and result.event is None and result.ledger_record is None
+    assert result.shapes == tuple(tuple(t.shape) for t in before.values())
+    assert float(result.flat_delta().abs().sum()) == 0.0
+    assert ledger.records() == []
+    for name, value in _parameters(model).items():
+        assert torch.equal(value, before[name])
+
+
+def test_round_over_budget_is_refused_before_training(tmp_path: Path) -> None:
+    # Prepare: 2 steps at sigma=1, q=0.13 cost epsilon ~1.9 (RDP); the budget is 1.0
+    model, tokenizer, ledger, _ = _setup(tmp_path, epsilon=100.0)
+    BudgetBook(tmp_path).set("imdb", PrivacyBudget(epsilon=1.0, delta=1e-3), n_records=N, replace=True)
+    plan = CalibratedPlan.from_dict(_setup(tmp_path / "other")[3].to_dict())
+    texts, labels = _partition()
+    before = _parameters(model)
+
+    # Execute / Assert
+    with pytest.raises(BudgetExceededError, match=r"site 'site-a' refuses .* over the budget epsilon=1 "):
+        local_dp_round(
+            model, texts, labels, tokenizer=tokenizer, plan=plan, ledger=ledger,
+            private_fingerprint=partition_fingerprint(texts, labels), run_id="run-1", round_index=0,
+        )
+    assert ledger.records() == []
+    for name, value in _parameters(model).items():
+        assert torch.equal(value, before[name])
+
+
+def test_partition_of_another_size_than_calibrated_is_refused(tmp_path: Path) -> None:
+    model, tokenizer, ledger, plan = _setup(tmp_path)
+    texts, labels = _partition()
+    with pytest.raises(DPPlanError, match=r"calibrated for n_records=120, the partition has 100"):
+        local_dp_round(
+            model, texts[:100], labels[:100], tokenizer=tokenizer, plan=plan, ledger=ledger,
+            private_fingerprint=partition_fingerprint(texts[:100], labels[:100]), run_id="run-1", round_index=0,
+        )
+
+
+def test_lora_round_returns_only_adapter_and_head_deltas(tmp_path: Path) -> None:
+    # Prepare
+    model, tokenizer, ledger, plan = _setup(tmp_path, kind="lora")
+    texts, labels = _partition()
+
+    # Execute
+    result = local_dp_round(
+        model, texts, labels, tokenizer=tokenizer, plan=plan, ledger=ledger,
+        private_fingerprint=partition_fingerprint(texts, labels), run_id="run-1", round_index=0,
+    )
+
+    # Assert
+    assert result.names and all(("lora_" in n) or ("modules_to_save" in n) for n in result.names)
+    assert any("classifier" in n for n in result.names) and any("pooler" in n for n in result.names)
+
+
+def test_calibration_takes_the_larger_noise_of_target_and_budget(tmp_path: Path) -> None:
+    # Prepare: a generous target (50) and a budget of 4: the budget decides
+    BudgetBook(tmp_path).set("imdb", PrivacyBudget(epsilon=4.0, delta=1e-5), n_records=10_000)
+    ledger = PrivacyLedger(tmp_path, "imdb", "alice", site="site-a", accountant="rdp")
+    common = {"clip_norm": 1.0, "delta": 1e-5, "expected_batch_size": 100, "local_steps": 50, "rounds": 4, "accountant": "rdp"}
+
+    # Execute
+    budget_bound = calibrate_plan(DPPlan(**common, target_epsilon=50.0), n_records=10_000, ledger=ledger)
+    target_bound = calibrate_plan(DPPlan(**common, target_epsilon=1.0), n_records=10_000, ledger=ledger)
+
+    # Assert
+    assert 4.0 - 0.01 <= budget_bound.projected_epsilon <= 4.0
+    assert 1.0 - 0.01 <= target_bound.run_epsilon <= 1.0
+    assert target_bound.noise_multiplier > budget_bound.noise_multiplier
+    assert budget_bound.sample_rate == 0.01
+
+
+def test_failure_mid_round_leaves_no_unaccounted_trace_in_the_model(tmp_path: Path, monkeypatch) -> None:
+    # Prepare: the fourth physical batch fails, after at least one noisy step was taken
+    import policies.dp as dp
+
+    model, tokenizer, ledger, plan = _setup(tmp_path, mode="hooks")
+    texts, labels = _partition()
+    before = _parameters(model)
+    calls = {"n": 0}
+    original = dp._physical_step
+
+    def failing_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("simulated device failure")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(dp, "_physical_step", failing_step)
+
+    # Execute
+    with pytest.raises(RuntimeError, match="simulated device failure"):
+        local_dp_round(
+            model, texts, labels, tokenizer=tokenizer, plan=plan, ledger=ledger,
+            private_fingerprint=partition_fingerprint(texts, labels), run_id="run-1", round_index=0,
+        )
+
+    # Assert: parameters restored, no un-noised gradient sums or captured inputs left, nothing spent
+    assert ledger.records() == []
+    for name, value in _parameters(model).items():
+        assert torch.equal(value, before[name])
+    for parameter in model.parameters():
+        assert parameter.grad is None
+        assert not hasattr(parameter, "summed_grad") and not hasattr(parameter, "grad_sample")
+    assert not any(hasattr(module, "activations") for module in model.modules())

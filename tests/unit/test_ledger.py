@@ -1,0 +1,134 @@
+"""The privacy ledger: composes, refuses an overspend, survives a restart, detects tampering."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from policies.accounting import PrivacyEvent, epsilon_of
+from policies.budget import BudgetBook, PrivacyBudget
+from policies.durable import JournalCorruptError
+from policies.ledger import BudgetExceededError, LedgerReplayError, PrivacyLedger
+
+pytestmark = pytest.mark.unit
+
+ROUND = {"noise_multiplier": 1.0, "sample_rate": 0.01, "steps": 100}
+
+
+def _ledger(data_dir: Path, *, epsilon: float = 2.0, accountant: str = "rdp") -> PrivacyLedger:
+    BudgetBook(data_dir).set("imdb", PrivacyBudget(epsilon=epsilon, delta=1e-5), n_records=10_000, replace=True)
+    return PrivacyLedger(data_dir, "imdb", "alice@lab.org", site="site-a", accountant=accountant)
+
+
+def _event(round_index: int) -> PrivacyEvent:
+    return PrivacyEvent(**ROUND, run_id="run-1", round_index=round_index)
+
+
+def test_spend_composes_with_the_accountant_and_writes_the_journal(tmp_path: Path) -> None:
+    # Prepare
+    ledger = _ledger(tmp_path)
+
+    # Execute
+    first = ledger.spend(_event(0))
+    second = ledger.spend(_event(1))
+
+    # Assert
+    composed = epsilon_of([(1.0, 0.01, 200)], delta=1e-5, accountant="rdp")
+    assert second.epsilon_before == first.epsilon_after
+    assert second.epsilon_after == composed
+    assert composed < 2 * first.epsilon_after  # composition, not the sum of epsilons
+    assert ledger.spent() == composed
+    assert ledger.remaining() == pytest.approx(2.0 - composed)
+    path = tmp_path / "ledger" / "imdb" / "alice@lab.org.jsonl"
+    lines = path.read_text().splitlines()
+    assert [json.loads(line)["record"]["round_index"] for line in lines] == [0, 1]
+
+
+def test_overspend_is_refused_naming_site_epsilon_and_budget(tmp_path: Path) -> None:
+    # Prepare: one round costs epsilon ~1.21 (RDP); 2000 more steps go far past the budget of 1.5
+    ledger = _ledger(tmp_path, epsilon=1.5)
+    ledger.spend(_event(0))
+    big = PrivacyEvent(noise_multiplier=1.0, sample_rate=0.01, steps=2000, run_id="run-1", round_index=1)
+    would_reach = epsilon_of([(1.0, 0.01, 2100)], delta=1e-5, accountant="rdp")
+
+    # Execute / Assert
+    assert not ledger.can_spend(big)
+    with pytest.raises(BudgetExceededError, match=rf"site 'site-a' .* would reach epsilon={would_reach:.4f} .* budget epsilon=1.5 \(already spent 1.2"):
+        ledger.spend(big)
+    assert len(ledger.records()) == 1
+
+
+def test_ledger_replays_identically_after_a_restart(tmp_path: Path) -> None:
+    # Prepare
+    ledger = _ledger(tmp_path, accountant="prv")
+    written = [ledger.spend(_event(index)) for index in range(3)]
+
+    # Execute: a new process would construct the ledger from the data dir alone
+    reopened = PrivacyLedger(tmp_path, "imdb", "alice@lab.org", site="site-a", accountant="prv")
+    replayed = reopened.replay()
+
+    # Assert
+    assert replayed == written
+    assert reopened.spent() == ledger.spent() == written[-1].epsilon_after
+    assert reopened.history() == [(1.0, 0.01, 100)] * 3
+
+
+def test_altered_epsilon_with_a_rebuilt_chain_is_caught_by_replay(tmp_path: Path) -> None:
+    # Prepare: rewrite the journal with a smaller epsilon_after but a valid hash chain
+    ledger = _ledger(tmp_path)
+    ledger.spend(_event(0))
+    record = dict(ledger.journal.entries()[0].record)
+    record["epsilon_after"] = 0.001
+    ledger.path.unlink()
+    ledger.journal.append(record)
+
+    # Execute / Assert
+    with pytest.raises(LedgerReplayError, match=r"record 0 stores epsilon_after=0.001 but its events compose to"):
+        ledger.replay()
+
+
+def test_edited_line_breaks_the_hash_chain(tmp_path: Path) -> None:
+    # Prepare
+    ledger = _ledger(tmp_path)
+    ledger.spend(_event(0))
+    ledger.path.write_text(ledger.path.read_text().replace('"steps":100', '"steps":1'))
+
+    # Execute / Assert
+    with pytest.raises(JournalCorruptError, match=r"line 1 was modified after it was written"):
+        ledger.spent()
+
+
+def test_ledger_opened_with_another_accountant_is_refused(tmp_path: Path) -> None:
+    # Prepare
+    _ledger(tmp_path, accountant="rdp").spend(_event(0))
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match=r"composed with accountant \['rdp'\], opened with accountant='prv'"):
+        PrivacyLedger(tmp_path, "imdb", "alice@lab.org", site="site-a", accountant="prv")
+
+
+def test_lowered_budget_is_obeyed_at_the_next_spend(tmp_path: Path) -> None:
+    # Prepare
+    ledger = _ledger(tmp_path, epsilon=5.0)
+    ledger.spend(_event(0))
+    BudgetBook(tmp_path).set("imdb", PrivacyBudget(epsilon=0.5, delta=1e-5), n_records=10_000, replace=True)
+
+    # Execute / Assert
+    assert ledger.remaining() < 0
+    with pytest.raises(BudgetExceededError, match=r"budget epsilon=0.5 \(already spent"):
+        ledger.spend(_event(1))
+
+
+@pytest.mark.parametrize(("parameter", "value"), [("dataset", "../etc"), ("researcher", "a/b"), ("researcher", "")])
+def test_names_that_would_escape_the_ledger_directory_are_refused(tmp_path: Path, parameter: str, value: str) -> None:
+    names = {"dataset": "imdb", "researcher": "alice"} | {parameter: value}
+    with pytest.raises(ValueError, match=rf"{parameter} must be 1-128 characters .* got {value!r}"):
+        PrivacyLedger(tmp_path, names["dataset"], names["researcher"], site="site-a")
+
+
+def test_ledger_without_a_budget_names_the_dataset(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path, "imdb", "alice", site="site-a")
+    with pytest.raises(ValueError, match=r"no privacy budget for dataset 'imdb'"):
+        ledger.can_spend(_event(0))
