@@ -56,15 +56,14 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, document: Any, *, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``document`` so that a crash leaves either the old or the new file."""
+def write_bytes_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves either the old or the new file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(document, indent=2, sort_keys=True, allow_nan=False) + "\n"
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp_name, mode)
@@ -73,6 +72,12 @@ def write_json_atomic(path: Path, document: Any, *, mode: int = 0o644) -> None:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, document: Any, *, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``document`` (JSON) all-or-nothing."""
+    text = json.dumps(document, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    write_bytes_atomic(path, text.encode("utf-8"), mode=mode)
 
 
 def read_json(path: Path) -> Any:

@@ -21,8 +21,6 @@ refuses a model whose frozen weights differ rather than producing a silently dif
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +32,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
-from policies.durable import canonical_json, read_json, sha256_hex, write_json_atomic
+from policies.durable import canonical_json, read_json, sha256_hex, write_bytes_atomic, write_json_atomic
 from researcher.fedavg import Layout, layout_digest, parse_layout, trainable_parameters_for
 
 CHECKPOINT_FORMAT = "fedsite-checkpoint-v1"
@@ -60,28 +58,6 @@ class Checkpoint:
     frozen_digest: str  # hex SHA-256 of the frozen parameters the trainable ones sit on
     meta: Mapping[str, Any]  # the caller's JSON metadata (run id, config, seeds, ...)
     path: Path  # the weights file
-
-
-def write_bytes_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves either the old or the new file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp_name, mode)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 def frozen_parameters_digest(model: nn.Module) -> str:

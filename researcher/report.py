@@ -20,8 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from policies.durable import read_json, write_json_atomic
-from researcher.checkpoints import write_bytes_atomic
+from policies.durable import read_json, write_bytes_atomic, write_json_atomic
 
 REPORT_FORMAT = "fedsite-run-report-v1"
 # The stages of one round whose wall time a RoundRecord usually carries (DESIGN.md, "One round").
