@@ -19,6 +19,7 @@ see identical too (R rounds of ``(sigma, q, S)`` are one entry ``(sigma, q, R*S)
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Iterable, Sequence
@@ -141,6 +142,13 @@ def epsilon_of(entries: Iterable[HistoryEntry], *, delta: float, accountant: str
         check_steps(count)
     if not history:
         return 0.0
+    return _composed_epsilon(tuple(history), float(delta), accountant)
+
+
+@functools.lru_cache(maxsize=4096)
+def _composed_epsilon(history: tuple[HistoryEntry, ...], delta: float, accountant: str) -> float:
+    """The accountant's answer, memoised: a PRV evaluation costs ~1 s on a CPU, and a site asks the
+    same question several times per round (budget check, spend) and per review (calibration)."""
     if accountant == "prv":
         prv = PRVAccountant()
         prv.history = list(history)

@@ -106,6 +106,7 @@ class ExecutionContext:
     data_dir: Path  # this site's data dir (ledger, budgets, audit log, round state)
     approval: Approval  # the approval that authorised this run
     researcher: str  # who called
+    dry_run: bool = False  # the admin's review running the code on the mock twin; never set by the guard
 
 
 _current: contextvars.ContextVar[ExecutionContext | None] = contextvars.ContextVar("fedsite_execution", default=None)

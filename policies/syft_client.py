@@ -11,8 +11,10 @@ import contextlib
 import io
 import logging
 import os
+import sys
+import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TextIO
 
 
 class SiteConnectionError(ConnectionError):
@@ -26,13 +28,33 @@ def prepare_syft_environment() -> None:
     os.environ["ENABLE_SIGNUP"] = "False"
 
 
+_quiet_lock = threading.Lock()
+_quiet_depth = 0
+_saved_stdout: TextIO | None = None
+
+
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
-    """Silence syft's prints, progress bars and logs."""
+    """Silence syft's prints, progress bars and logs.
+
+    ``sys.stdout`` is process-wide, and the federated loop calls sites from several threads: a plain
+    ``redirect_stdout`` per thread restores the streams out of order and can leave stdout pointing
+    at a discarded buffer. So the first ``quiet`` in swaps stdout and the last one out restores it.
+    """
+    global _quiet_depth, _saved_stdout
     prepare_syft_environment()
     logging.getLogger("syft").setLevel(logging.CRITICAL + 1)
-    with contextlib.redirect_stdout(io.StringIO()):
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            _saved_stdout, sys.stdout = sys.stdout, io.StringIO()
+        _quiet_depth += 1
+    try:
         yield
+    finally:
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0 and _saved_stdout is not None:
+                sys.stdout, _saved_stdout = _saved_stdout, None
 
 
 def login(url_or_handle: Any, *, email: str, password: str, port: int | None = None) -> Any:

@@ -1,0 +1,115 @@
+"""The plan of one federated run: what a researcher asks every site to run, and what each admin approves.
+
+It is plain JSON, written as a literal into the submitted function (so the code hash covers it) and
+validated here in full, by the researcher before submitting and by the site at review and at
+every execution. Both sides use this one parser, so they cannot disagree about a field.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from policies.dp import DPPlan, DPPlanError
+from policies.secagg import Roster, RoundContext, SecAggError, SecureSumConfig
+
+PLAN_FORMAT = 1
+_RUN_ID = re.compile(r"^run-[0-9a-f]{8,32}$")
+_DATASET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_TRAINABLE_KEYS = {"kind", "top_k", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets"}
+_TINY_KEYS = {"vocab_size", "hidden_size", "layers", "heads", "max_length"}
+
+
+class FederatedPlanError(ValueError):
+    """A federated plan is malformed; the message names the field and the fix."""
+
+
+def _require(raw: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str = "plan") -> Any:
+    if key not in raw:
+        raise FederatedPlanError(f"{where} has no {key!r}")
+    value = raw[key]
+    if isinstance(value, bool) and kind is not bool:
+        raise FederatedPlanError(f"{where}[{key!r}] must be {kind}, got a bool")
+    if not isinstance(value, kind):
+        raise FederatedPlanError(f"{where}[{key!r}] must be {kind}, got {type(value).__name__}")
+    return value
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model every site builds (from its own installed copy; nothing is downloaded)."""
+
+    name: str | None  # a Hugging Face BERT-family name or local path; None with ``tiny``; default MiniLM
+    tiny: Mapping[str, int] | None  # keyword arguments of researcher.models.tiny_bert_config (tests)
+    trainable: Mapping[str, Any]  # keyword arguments of researcher.models.TrainableSet
+    seed: int  # seeds every weight that is not loaded (tiny models, new heads), identical at every site
+
+    @staticmethod
+    def parse(raw: object) -> ModelSpec:
+        if not isinstance(raw, Mapping):
+            raise FederatedPlanError("plan['model'] must be a mapping with name, tiny and trainable")
+        unknown = set(raw) - {"name", "tiny", "trainable", "seed"}
+        if unknown:
+            raise FederatedPlanError(f"plan['model'] has unknown fields {sorted(unknown)}")
+        name, tiny = raw.get("name"), raw.get("tiny")
+        if (name is None) == (tiny is None):
+            raise FederatedPlanError("plan['model'] needs exactly one of 'name' (a checkpoint) and 'tiny' (a config)")
+        if name is not None and not isinstance(name, str):
+            raise FederatedPlanError(f"plan['model']['name'] must be a str, got {type(name).__name__}")
+        if tiny is not None and (not isinstance(tiny, Mapping) or set(tiny) - _TINY_KEYS
+                                 or not all(isinstance(v, int) and not isinstance(v, bool) for v in tiny.values())):
+            raise FederatedPlanError(f"plan['model']['tiny'] must map some of {sorted(_TINY_KEYS)} to ints")
+        trainable = _require(raw, "trainable", Mapping, "plan['model']")
+        if set(trainable) - _TRAINABLE_KEYS or "kind" not in trainable:
+            raise FederatedPlanError(f"plan['model']['trainable'] needs 'kind' and only {sorted(_TRAINABLE_KEYS)}")
+        seed = raw.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise FederatedPlanError(f"plan['model']['seed'] must be an int, got {seed!r}")
+        return ModelSpec(name=name, tiny=tiny, trainable=trainable, seed=seed)
+
+
+@dataclass(frozen=True)
+class FederatedPlan:
+    """A validated plan (see the module docstring)."""
+
+    run_id: str  # "run-<hex>": names the run in every ledger record, session id and file of the sites
+    dataset: str  # the site dataset it trains on
+    model: ModelSpec
+    dp: DPPlan  # the DP-SGD plan of every site (rounds, local steps, batch, clip, target epsilon, delta)
+    secure_sum: SecureSumConfig  # the secure-sum parameters (vector_length = trainable parameters)
+    roster: Roster  # the sites, in order, with their admin-pinned Ed25519 identity keys
+    raw: Mapping[str, Any]  # the JSON it was parsed from (hashed into the approval)
+
+    @staticmethod
+    def parse(raw: object) -> FederatedPlan:
+        if not isinstance(raw, Mapping):
+            raise FederatedPlanError(f"a federated plan must be a mapping, got {type(raw).__name__}")
+        if raw.get("format") != PLAN_FORMAT:
+            raise FederatedPlanError(f"plan['format'] must be {PLAN_FORMAT}, got {raw.get('format')!r}")
+        unknown = set(raw) - {"format", "run_id", "dataset", "model", "dp", "secure_sum", "roster"}
+        if unknown:
+            raise FederatedPlanError(f"plan has unknown fields {sorted(unknown)}")
+        run_id = _require(raw, "run_id", str)
+        if not _RUN_ID.match(run_id):
+            raise FederatedPlanError(f"plan['run_id'] must look like 'run-<8 to 32 hex digits>', got {run_id!r}")
+        dataset = _require(raw, "dataset", str)
+        if not _DATASET.match(dataset):
+            raise FederatedPlanError(f"plan['dataset'] {dataset!r} is not a dataset name")
+        try:
+            dp = DPPlan.from_dict(_require(raw, "dp", Mapping))
+            secure_sum = SecureSumConfig.from_wire(_require(raw, "secure_sum", Mapping))
+            roster = Roster.of((str(site), bytes.fromhex(str(key))) for site, key in _require(raw, "roster", list))
+            RoundContext(config=secure_sum, roster=roster, session_id=f"{run_id}/check")
+        except (DPPlanError, SecAggError, ValueError, TypeError) as exc:
+            raise FederatedPlanError(f"invalid plan: {exc}") from exc
+        return FederatedPlan(run_id=run_id, dataset=dataset, model=ModelSpec.parse(raw.get("model")), dp=dp,
+                             secure_sum=secure_sum, roster=roster, raw=raw)
+
+    def session_id(self, round_index: int, attempt: int) -> str:
+        """The secure-sum session of one attempt at one round; fixed by the plan, not by the researcher."""
+        return f"{self.run_id}/round-{round_index}/attempt-{attempt}"
+
+    def context(self, round_index: int, attempt: int) -> RoundContext:
+        return RoundContext(config=self.secure_sum, roster=self.roster, session_id=self.session_id(round_index, attempt))

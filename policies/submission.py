@@ -1,0 +1,89 @@
+"""The one shape of code a Fedsite site approves: a thin wrapper around the site runtime.
+
+A researcher submits, per run, a function generated from ``ROUND_FUNCTION_TEMPLATE``: the plan as a
+literal (so the code hash covers every parameter the admin approves) and a call into
+``policies.site_runtime.run_stage`` with a model built by the site's installed ``researcher.models``
+from the plan's model spec. The model and the loss are the researcher's choice through that spec;
+clipping, noise, sampling, accounting and masking are the site's code.
+
+The site's review (``canonical_plan``) parses the submitted source and accepts it only if, with the
+plan literal taken out, its syntax tree is exactly the template's: no extra statement, import, or
+argument can ride along with an approval.
+"""
+
+from __future__ import annotations
+
+import ast
+import pprint
+import textwrap
+from collections.abc import Mapping
+from typing import Any
+
+ROUND_FUNCTION_TEMPLATE = '''\
+def {name}(data, stage, message):
+    plan = {plan}
+    from policies.site_runtime import run_stage
+    from researcher.models import build_from_spec
+
+    def make_model():
+        return build_from_spec(plan["model"])
+
+    return run_stage(data, stage=stage, message=message, plan=plan, make_model=make_model)
+'''
+
+
+class SubmissionError(ValueError):
+    """Submitted code is not the canonical Fedsite round function."""
+
+
+def function_name(run_id: str) -> str:
+    return "fedsite_" + run_id.replace("-", "_")
+
+
+def render_round_function(plan: Mapping[str, Any]) -> str:
+    """The source of the function to submit for ``plan`` (a dict of JSON values)."""
+    literal = textwrap.indent(pprint.pformat(dict(plan), width=96, sort_dicts=True), " " * 11).lstrip()
+    return ROUND_FUNCTION_TEMPLATE.format(name=function_name(str(plan["run_id"])), plan=literal)
+
+
+def _function_node(source: str) -> ast.FunctionDef:
+    try:
+        module = ast.parse(textwrap.dedent(source))
+    except SyntaxError as exc:
+        raise SubmissionError(f"the code does not parse: {exc.msg} (line {exc.lineno})") from None
+    functions = [node for node in module.body if isinstance(node, ast.FunctionDef)]
+    if len(module.body) != 1 or len(functions) != 1:
+        raise SubmissionError("the code must be exactly one function definition")
+    return functions[0]
+
+
+def _without_plan(node: ast.FunctionDef) -> tuple[str, ast.expr]:
+    """The tree with the plan literal replaced by a placeholder, and the literal itself."""
+    first = node.body[0] if node.body else None
+    if not (isinstance(first, ast.Assign) and len(first.targets) == 1 and isinstance(first.targets[0], ast.Name)
+            and first.targets[0].id == "plan"):
+        raise SubmissionError("the function must start with `plan = {...}`")
+    literal = first.value
+    first.value = ast.Constant(value=None)
+    node.decorator_list = []
+    return ast.dump(node, annotate_fields=False, include_attributes=False), literal
+
+
+def canonical_plan(source: str) -> dict[str, Any]:
+    """The plan of a canonical round function; raises SubmissionError for anything else."""
+    node = _function_node(source)
+    shape, literal = _without_plan(node)
+    try:
+        plan = ast.literal_eval(literal)
+    except ValueError:
+        raise SubmissionError("the plan must be a literal (no names, calls or expressions)") from None
+    if not isinstance(plan, dict) or not isinstance(plan.get("run_id"), str):
+        raise SubmissionError("the plan must be a dict with a 'run_id'")
+    expected, _ = _without_plan(_function_node(ROUND_FUNCTION_TEMPLATE.format(
+        name=function_name(plan["run_id"]), plan="None")))
+    if shape != expected:
+        raise SubmissionError(
+            "the code is not the canonical Fedsite round function (something was added, removed or changed "
+            "besides the plan): regenerate it with researcher.federation"
+        )
+    return plan

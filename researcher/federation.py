@@ -1,0 +1,233 @@
+"""The researcher's side of a federated run: plan, submit, then drive DP rounds through the secure sum.
+
+The researcher is also the aggregator (DESIGN.md, "Roles"). For each round it runs one SecAgg
+session (Bonawitz et al. 2017, Figure 4) over the sites: every stage is one call of the approved
+function at every site still answering, made concurrently; a site that fails to answer (killed,
+unreachable) drops out of the session, which completes with the survivors when at least the
+threshold of them remain; a site that *refuses* (its policy says no) stops the run with the site's
+reason. The sum of the survivors' clipped DP updates is averaged into the global model (FedAvg).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import secrets
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from policies.federated_plan import PLAN_FORMAT, FederatedPlan
+from policies.secagg import (
+    AdvertiseKeys,
+    MaskedInput,
+    SecAggError,
+    SecureSumAggregator,
+    ShareKeys,
+    SurvivorSignature,
+    UnmaskShares,
+)
+from policies.site_runtime import encode_vector
+from policies.submission import function_name, render_round_function
+from policies.syft_client import quiet
+
+ASSET = "reviews"
+
+
+class SiteRefusedError(RuntimeError):
+    """A site's policy refused a call; the message is the site's reason."""
+
+
+class RoundFailedError(RuntimeError):
+    """Too few sites answered to finish a round's secure sum."""
+
+
+@dataclass
+class SiteHandle:
+    """One datasite as the researcher sees it."""
+
+    name: str  # the site's id in the roster (its syft server name)
+    client: Any  # the researcher's logged-in syft client
+    identity_key: str  # the site's Ed25519 public key (hex), as its admin published it and you pinned it
+    dataset: str = "imdb"
+
+    def asset(self) -> Any:
+        with quiet():
+            return self.client.datasets[self.dataset].assets[ASSET]
+
+
+def new_run_id() -> str:
+    return "run-" + secrets.token_hex(6)
+
+
+def make_plan(
+    *,
+    sites: Sequence[SiteHandle],
+    model: Mapping[str, Any],
+    dp: Mapping[str, Any],
+    vector_length: int,
+    threshold: int | None = None,
+    clip: float = 0.05,
+    quantisation_bits: int = 24,
+    dataset: str = "imdb",
+    run_id: str | None = None,
+) -> dict[str, Any]:
+    """A plan (JSON) for ``sites``, validated by the same parser the sites use."""
+    raw = {
+        "format": PLAN_FORMAT,
+        "run_id": run_id or new_run_id(),
+        "dataset": dataset,
+        "model": dict(model),
+        "dp": dict(dp),
+        "secure_sum": {"vector_length": vector_length, "clip": float(clip), "quantisation_bits": quantisation_bits,
+                       "threshold": threshold if threshold is not None else len(sites) // 2 + 1,
+                       "modulus_bits": 32, "neighbourhood_size": None},
+        "roster": [[site.name, site.identity_key] for site in sites],
+    }
+    FederatedPlan.parse(raw)
+    return raw
+
+
+def load_round_function(plan: Mapping[str, Any], directory: Path) -> Callable[..., Any]:
+    """Write the canonical round function for ``plan`` to a file and import it (syft reads its source)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    name = function_name(str(plan["run_id"]))
+    path = directory / f"{name}.py"
+    path.write_text(render_round_function(plan), encoding="utf-8")
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise RuntimeError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, name)
+
+
+def submit(site: SiteHandle, plan: Mapping[str, Any], directory: Path) -> None:
+    """Request execution of the round function at ``site``, bound to its private asset."""
+    import syft as sy
+    from syft.service.policy.policy import OutputPolicyExecuteCount
+
+    function = load_round_function(plan, directory)
+    asset = site.asset()
+    with quiet():
+        syft_function = sy.syft_function(
+            input_policy=sy.MixedInputPolicy(client=site.client, data=asset, stage=str, message=dict),
+            # syft 0.9.5 does not enforce this limit; the site's own policy counts rounds
+            output_policy=OutputPolicyExecuteCount(limit=1_000_000),
+        )(function)
+        site.client.code.request_code_execution(syft_function)
+
+
+@dataclass
+class StageTimes:
+    """Seconds of one round, by where they went."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, key: str, value: float) -> None:
+        self.seconds[key] = round(self.seconds.get(key, 0.0) + value, 3)
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    round_index: int
+    attempt: int
+    participants: tuple[str, ...]  # whose updates are in the sum
+    dropped: tuple[str, ...]  # sites that stopped answering during the round
+    average: np.ndarray  # mean of the participants' clipped DP updates, float64 [vector_length]
+    times: dict[str, float]
+
+
+class FederatedRound:
+    """One attempt at one round: a SecAgg session driven over the sites."""
+
+    def __init__(self, sites: Sequence[SiteHandle], plan: FederatedPlan, round_index: int, attempt: int) -> None:
+        self.sites = {site.name: site for site in sites}
+        self.plan = plan
+        self.round_index, self.attempt = round_index, attempt
+        self.aggregator = SecureSumAggregator(plan.context(round_index, attempt))
+        self.function = function_name(plan.run_id)
+        self.dropped: list[str] = []
+        self.drop_reasons: dict[str, str] = {}
+        self.times = StageTimes()
+
+    def _call(self, site: SiteHandle, stage: str, extra: Mapping[str, Any]) -> dict[str, Any] | None:
+        """One stage at one site: its reply, None if it did not answer; raises on a refusal."""
+        message = {"round": self.round_index, "attempt": self.attempt, **extra}
+        try:
+            with quiet():
+                result = getattr(site.client.code, self.function)(data=site.asset(), stage=stage, message=message)
+            reply = result.get() if hasattr(result, "get") and not isinstance(result, dict) else result
+        except Exception as exc:  # noqa: BLE001 - a site that cannot answer drops out of the session
+            self._dropped(site.name, f"{type(exc).__name__}: {exc}")
+            return None
+        if not isinstance(reply, dict):
+            text = str(reply)
+            if "refused" in text:
+                raise SiteRefusedError(text)
+            self._dropped(site.name, text)
+            return None
+        if "refused" in reply:
+            raise SiteRefusedError(str(reply["refused"]))
+        return reply
+
+    def _dropped(self, site: str, why: str) -> None:
+        if site not in self.dropped:
+            self.dropped.append(site)
+            self.drop_reasons[site] = why
+
+    def _stage(self, stage: str, among: Sequence[str], extra: Callable[[str], Mapping[str, Any]]) -> dict[str, Any]:
+        """Call ``stage`` at every site of ``among`` concurrently; returns the replies of those that answered."""
+        started = time.perf_counter()
+        live = [name for name in among if name not in self.dropped]
+        with ThreadPoolExecutor(max_workers=max(1, len(live))) as pool:
+            futures = {name: pool.submit(self._call, self.sites[name], stage, extra(name)) for name in live}
+            replies = {name: future.result() for name, future in futures.items()}
+        self.times.add(stage, time.perf_counter() - started)
+        return {name: reply for name, reply in replies.items() if reply is not None}
+
+    def run(self, global_vector: np.ndarray) -> RoundOutcome:
+        agg = self.aggregator
+        for reply in self._stage("advertise_keys", list(self.sites), lambda _: {}).values():
+            agg.receive_advertise_keys(AdvertiseKeys.from_wire(reply["message"]))
+        round_keys = agg.close_advertise_keys().to_wire()
+        for reply in self._stage("share_keys", agg.advertised, lambda _: {"round_keys": round_keys}).values():
+            agg.receive_share_keys(ShareKeys.from_wire(reply["message"]))
+        inboxes = {name: inbox.to_wire() for name, inbox in agg.close_share_keys().items()}
+        model = encode_vector(global_vector)
+        replies = self._stage("mask_input", agg.shared,
+                              lambda name: {"incoming": inboxes[name], "global_model": model})
+        for reply in replies.values():
+            agg.receive_masked_input(MaskedInput.from_wire(reply["message"]))
+        for key in ("training", "masking"):  # the slowest site's own figures
+            self.times.seconds[f"site_{key}"] = max((r.get("seconds", {}).get(key, 0.0) for r in replies.values()),
+                                                    default=0.0)
+        survivors = agg.close_masked_input().to_wire()
+        for reply in self._stage("consistency_check", agg.survivors, lambda _: {"survivors": survivors}).values():
+            agg.receive_survivor_signature(SurvivorSignature.from_wire(reply["message"]))
+        signed = agg.close_consistency_check().to_wire()
+        for reply in self._stage("unmask", agg.signers, lambda _: {"signed": signed}).values():
+            agg.receive_unmask_shares(UnmaskShares.from_wire(reply["message"]))
+        started = time.perf_counter()
+        result = agg.finish()
+        self.times.add("unmask_aggregate", time.perf_counter() - started)
+        average = np.asarray(result.total, dtype=np.float64) / len(result.participants)
+        return RoundOutcome(self.round_index, self.attempt, tuple(result.participants), tuple(self.dropped), average,
+                            dict(self.times.seconds))
+
+
+def run_round(sites: Sequence[SiteHandle], plan: FederatedPlan, round_index: int, global_vector: np.ndarray,
+              *, max_attempts: int = 3, first_attempt: int = 0) -> RoundOutcome:
+    """Run ``round_index``, retrying with a new session when too few sites finish (e.g. a crash)."""
+    last_error: Exception | None = None
+    for attempt in range(first_attempt, first_attempt + max_attempts):
+        try:
+            return FederatedRound(sites, plan, round_index, attempt).run(global_vector)
+        except SecAggError as exc:  # below threshold at some stage: the session cannot finish
+            last_error = exc
+    raise RoundFailedError(f"round {round_index} failed {max_attempts} times: {last_error}")
+

@@ -1,0 +1,198 @@
+"""Three in-process datasites: submit, review, approve, DP rounds through the secure sum, and the attacks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from datasites.admin import add_researcher, upload_partition
+from datasites.errors import FedsiteError
+from datasites.partition import partition_indices
+from datasites.review_queue import approve_request, list_requests, review_request
+from datasites.server import InProcessSite, launch_in_process
+from policies.audit import AuditLog
+from policies.budget import BudgetBook, PrivacyBudget
+from policies.federated_plan import FederatedPlan
+from policies.ledger import PrivacyLedger
+from policies.secagg import AdvertiseKeys, MaskedInput, ShareKeys, SignedSurvivors
+from policies.site_runtime import encode_vector
+from researcher.fedavg import flatten_trainable
+from researcher.federation import FederatedRound, SiteHandle, SiteRefusedError, make_plan, run_round, submit
+from researcher.models import build_from_spec
+from tests.conftest import ADMIN_PASSWORD, RESEARCHER_PASSWORD
+
+pytestmark = pytest.mark.integration
+
+RESEARCHER = "rita@uni.org"
+NAMES = ("site-a", "site-b", "site-c")
+SPEC = {"name": None, "tiny": {"hidden_size": 32, "layers": 2, "heads": 2, "max_length": 64},
+        "trainable": {"kind": "lora", "lora_rank": 4}, "seed": 0}
+DP = {"clip_norm": 1.0, "delta": 1e-5, "expected_batch_size": 16, "local_steps": 2, "rounds": 2,
+      "target_epsilon": 3.0, "max_length": 64, "max_physical_batch_size": 16}
+
+
+@dataclass
+class Federation:
+    sites: dict[str, InProcessSite]
+    admins: dict[str, Any]
+    handles: list[SiteHandle]
+    workdir: Path
+    vector: np.ndarray
+
+    def plan(self, **overrides: Any) -> dict[str, Any]:
+        dp = {**DP, **overrides.pop("dp", {})}
+        return make_plan(sites=self.handles, model=SPEC, dp=dp, vector_length=len(self.vector), clip=0.5, **overrides)
+
+    def submit_all(self, plan: dict[str, Any]) -> None:
+        for handle in self.handles:
+            submit(handle, plan, self.workdir / "functions")
+
+    def pending(self, name: str) -> str:
+        return next(r.request_id for r in list_requests(self.admins[name]) if r.status == "pending")
+
+    def approve_all(self) -> None:
+        for name, site in self.sites.items():
+            approve_request(self.admins[name], site.site, self.pending(name), admin=site.meta.admin_email)
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory, imdb_train: pd.DataFrame) -> Iterator[Federation]:
+    root = tmp_path_factory.mktemp("federation")
+    parts = partition_indices(imdb_train["label"].to_numpy(), n_sites=60, seed=0)
+    sites, admins, handles = {}, {}, []
+    for index, name in enumerate(NAMES):
+        site = launch_in_process(root / name, admin_password=ADMIN_PASSWORD, name=name)
+        admin = site.login(email=site.meta.admin_email, password=ADMIN_PASSWORD)
+        upload_partition(admin, site.site, dataset="imdb", reviews=imdb_train.iloc[parts[index][:160]],
+                         budget=PrivacyBudget(epsilon=8.0, delta=1e-5))
+        add_researcher(admin, name="Rita", email=RESEARCHER, password=RESEARCHER_PASSWORD)
+        sites[name], admins[name] = site, admin
+        handles.append(SiteHandle(name=name, client=site.login(email=RESEARCHER, password=RESEARCHER_PASSWORD),
+                                  identity_key=site.site.identity_public_hex()))
+    model, _ = build_from_spec(SPEC)
+    vector, _ = flatten_trainable(model)
+    yield Federation(sites, admins, handles, root, vector)
+    for site in sites.values():
+        site.stop()
+
+
+@pytest.fixture(scope="module")
+def approved(federation: Federation) -> FederatedPlan:
+    raw = federation.plan()
+    federation.submit_all(raw)
+    federation.approve_all()
+    return FederatedPlan.parse(raw)
+
+
+def test_review_shows_code_plan_privacy_and_dry_run(federation: Federation) -> None:
+    raw = federation.plan()
+    submit(federation.handles[0], raw, federation.workdir / "functions")
+
+    report = review_request(federation.admins["site-a"], federation.sites["site-a"].site, federation.pending("site-a"))
+
+    assert report.problems == ()
+    assert report.code_review.verdict == "clean"
+    assert report.calibrated is not None and report.calibrated.run_epsilon == pytest.approx(3.0, abs=0.05)
+    assert report.dry_run is not None and report.dry_run["trainable_parameters"] == len(federation.vector)
+    text = report.render_text()
+    assert "def fedsite_run_" in text and "projected" in text and "no problems" in text
+
+
+def test_two_rounds_train_and_spend_on_every_site(federation: Federation, approved: FederatedPlan) -> None:
+    vector = federation.vector.astype(np.float32)
+    outcomes = []
+    for round_index in range(2):
+        outcome = run_round(federation.handles, approved, round_index, vector)
+        vector = (vector + outcome.average).astype(np.float32)
+        outcomes.append(outcome)
+
+    assert [o.participants for o in outcomes] == [NAMES, NAMES]
+    assert all(0 < np.abs(o.average).max() <= 0.5 for o in outcomes)
+    for name, site in federation.sites.items():
+        ledger = PrivacyLedger(site.site.path, "imdb", RESEARCHER, site=name)
+        assert [r.round_index for r in ledger.records()] == [0, 1]
+        assert ledger.spent() == pytest.approx(3.0, abs=0.1)
+        kinds = [event.kind for event in AuditLog(site.site.path).events()]
+        assert kinds.count("privacy_spent") == 2 and kinds.count("output_released") == 2
+        assert kinds.index("privacy_spent") < kinds.index("output_released")
+
+
+def test_an_extra_round_is_refused(federation: Federation, approved: FederatedPlan) -> None:
+    with pytest.raises(SiteRefusedError, match=r"site-a: round 2 is beyond the 2 approved rounds"):
+        run_round(federation.handles, approved, 2, federation.vector)
+
+
+def test_a_replayed_round_is_refused(federation: Federation, approved: FederatedPlan) -> None:
+    with pytest.raises(SiteRefusedError, match=r"site-a: round 0 already ran here: a replayed round is refused"):
+        run_round(federation.handles, approved, 0, federation.vector, first_attempt=5)
+
+
+def test_a_fake_dropout_claim_cannot_unmask_a_live_site(federation: Federation) -> None:
+    raw = federation.plan(dp={"rounds": 1})
+    federation.submit_all(raw)
+    federation.approve_all()
+    plan = FederatedPlan.parse(raw)
+    attack = FederatedRound(federation.handles, plan, 0, 0)
+    agg = attack.aggregator
+    vector = federation.vector.astype(np.float32)
+    for reply in attack._stage("advertise_keys", NAMES, lambda _: {}).values():
+        agg.receive_advertise_keys(AdvertiseKeys.from_wire(reply["message"]))
+    keys = agg.close_advertise_keys().to_wire()
+    for reply in attack._stage("share_keys", NAMES, lambda _: {"round_keys": keys}).values():
+        agg.receive_share_keys(ShareKeys.from_wire(reply["message"]))
+    inboxes = {n: i.to_wire() for n, i in agg.close_share_keys().items()}
+    replies = attack._stage("mask_input", NAMES, lambda n: {"incoming": inboxes[n], "global_model": encode_vector(vector)})
+    for reply in replies.values():
+        agg.receive_masked_input(MaskedInput.from_wire(reply["message"]))
+    survivors = agg.close_masked_input().to_wire()
+    signatures = attack._stage("consistency_check", NAMES, lambda _: {"survivors": survivors})
+    # The aggregator now claims site-c dropped, to get the shares of c's pairwise mask key as well.
+    forged = SignedSurvivors(session_id=plan.session_id(0, 0), survivors=("site-a", "site-b"), signatures=())
+
+    with pytest.raises(SiteRefusedError, match=r"site-a: .*"):
+        attack._call(federation.handles[0], "unmask", {"signed": forged.to_wire()})
+    assert len(signatures) == 3
+
+
+def test_changed_code_and_forged_roster_are_refused_at_review(federation: Federation) -> None:
+    other_key = federation.handles[1].identity_key
+    forged = federation.plan()
+    forged["roster"][0][1] = other_key[:-2] + ("00" if other_key[-2:] != "00" else "11")
+    submit(federation.handles[0], forged, federation.workdir / "functions")
+
+    report = review_request(federation.admins["site-a"], federation.sites["site-a"].site, federation.pending("site-a"),
+                            with_dry_run=False)
+
+    assert any("the roster pins key" in p and "site-a" in p for p in report.problems)
+    with pytest.raises(FedsiteError, match=r"cannot be approved: the roster pins key"):
+        approve_request(federation.admins["site-a"], federation.sites["site-a"].site, federation.pending("site-a"),
+                        admin="admin")
+
+
+def test_an_over_budget_plan_is_refused_at_review(federation: Federation) -> None:
+    greedy = federation.plan(dp={"target_epsilon": None, "noise_multiplier": 0.3, "rounds": 50})
+    submit(federation.handles[1], greedy, federation.workdir / "functions")
+
+    report = review_request(federation.admins["site-b"], federation.sites["site-b"].site, federation.pending("site-b"),
+                            with_dry_run=False)
+
+    assert any(p.startswith("privacy: site 'site-b' refuses the plan") and "over the budget epsilon=8" in p
+               for p in report.problems)
+
+
+def test_budget_lowered_after_approval_stops_the_next_round(federation: Federation) -> None:
+    raw = federation.plan(dp={"rounds": 2})
+    federation.submit_all(raw)
+    federation.approve_all()
+    site_b = federation.sites["site-b"].site
+    lowered = round(PrivacyLedger(site_b.path, "imdb", RESEARCHER, site="site-b").spent() + 0.01, 2)
+    BudgetBook(site_b.path).set("imdb", PrivacyBudget(epsilon=lowered, delta=1e-5), n_records=160, replace=True)
+
+    with pytest.raises(SiteRefusedError, match=rf"site-b: budget exhausted: epsilon would be \d+\.\d\d > {lowered:g}$"):
+        run_round(federation.handles, FederatedPlan.parse(raw), 0, federation.vector)
