@@ -17,8 +17,8 @@ from datasites.server import InProcessSite, launch_in_process, login, quiet
 from policies.approvals import Approval, ApprovalRegistry
 from policies.audit import AuditLog
 from policies.budget import PrivacyBudget
-from policies.review import code_hash
 from policies.fingerprint import partition_fingerprint
+from policies.review import code_hash
 from tests.conftest import ADMIN_PASSWORD, RESEARCHER_PASSWORD
 
 pytestmark = pytest.mark.integration
