@@ -249,6 +249,8 @@ class SiteRun:
         self._audit_spend_and_release(round_index, result.ledger_record, masked.vector)
         reply = self._persist(state_path, state, masked.to_wire())
         reply["seconds"] = {"training": round(trained - started, 1), "masking": round(time.perf_counter() - trained, 1)}
+        # The researcher's own cumulative spend here (a function of the approved plan and its history).
+        reply["epsilon_spent"] = round(float(result.ledger_record.epsilon_after), 4) if result.ledger_record else 0.0
         return reply
 
     # ---- checks -------------------------------------------------------------------------------

@@ -140,6 +140,7 @@ class RoundOutcome:
     dropped: tuple[str, ...]  # sites that stopped answering during the round
     average: np.ndarray  # mean of the participants' clipped DP updates, float64 [vector_length]
     times: dict[str, float]
+    epsilon_spent: dict[str, float]  # site -> the researcher's cumulative epsilon there, as the site reported
 
 
 class FederatedRound:
@@ -153,6 +154,7 @@ class FederatedRound:
         self.function = function_name(plan.run_id)
         self.dropped: list[str] = []
         self.drop_reasons: dict[str, str] = {}
+        self.epsilon_spent: dict[str, float] = {}
         self.times = StageTimes()
 
     def _call(self, site: SiteHandle, stage: str, extra: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -201,8 +203,9 @@ class FederatedRound:
         model = encode_vector(global_vector)
         replies = self._stage("mask_input", agg.shared,
                               lambda name: {"incoming": inboxes[name], "global_model": model})
-        for reply in replies.values():
+        for name, reply in replies.items():
             agg.receive_masked_input(MaskedInput.from_wire(reply["message"]))
+            self.epsilon_spent[name] = float(reply.get("epsilon_spent", 0.0))
         for key in ("training", "masking"):  # the slowest site's own figures
             self.times.seconds[f"site_{key}"] = max((r.get("seconds", {}).get(key, 0.0) for r in replies.values()),
                                                     default=0.0)
@@ -216,8 +219,10 @@ class FederatedRound:
         result = agg.finish()
         self.times.add("unmask_aggregate", time.perf_counter() - started)
         average = np.asarray(result.total, dtype=np.float64) / len(result.participants)
-        return RoundOutcome(self.round_index, self.attempt, tuple(result.participants), tuple(self.dropped), average,
-                            dict(self.times.seconds))
+        participants = tuple(result.participants)
+        dropped = tuple(name for name in self.sites if name not in participants)
+        return RoundOutcome(self.round_index, self.attempt, participants, dropped, average, dict(self.times.seconds),
+                            {name: self.epsilon_spent[name] for name in participants if name in self.epsilon_spent})
 
 
 def run_round(sites: Sequence[SiteHandle], plan: FederatedPlan, round_index: int, global_vector: np.ndarray,

@@ -1,0 +1,128 @@
+"""The federated training loop: rounds, FedAvg, evaluation, checkpoints, report; resumable.
+
+Each round is one secure-sum session over the sites (``researcher.federation``). After it the
+global model moves by the average of the participants' clipped DP updates (FedAvg, McMahan et al.
+2017, with the uniform weights that a secure sum allows), is evaluated on the public IMDB test
+subset, and is checkpointed (safetensors) with the JSON report and its plot. Everything needed to
+resume is in ``run_dir``: if the researcher's process dies, ``FederatedTrainer(...).run()`` continues
+after the last checkpointed round, with a fresh secure-sum attempt number so that no site sees a
+session id twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from policies.durable import read_json, write_json_atomic
+from policies.federated_plan import FederatedPlan
+from researcher.checkpoints import load_latest, restore_into, save_checkpoint
+from researcher.evaluation import evaluate, load_test_subset
+from researcher.fedavg import apply_flat_delta, flatten_trainable
+from researcher.federation import SiteHandle, run_round
+from researcher.models import build_from_spec
+from researcher.report import RoundRecord, RunReport
+
+ATTEMPTS_FILE = "attempts.json"
+REPORT_FILE = "report.json"
+PLOT_FILE = "report.png"
+PLAN_FILE = "plan.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainerSettings:
+    """How the researcher runs the loop (nothing here reaches a site's privacy)."""
+
+    run_dir: Path  # checkpoints, report, plot, plan, attempt counter
+    imdb_source: str  # a folder with test.parquet: the public evaluation data
+    test_size: int = 500  # reviews of the test split to evaluate on after every round
+    test_seed: int = 0  # which reviews
+    eval_batch_size: int = 64
+    server_lr: float = 1.0  # FedAvg server step size (1.0 = plain average)
+    attempts_per_round: int = 3  # secure-sum sessions to try before giving up on a round
+    progress: bool = True  # a tqdm bar over rounds
+
+
+class FederatedTrainer:
+    """Drives an approved plan over ``sites`` to the end, resuming from ``run_dir``."""
+
+    def __init__(self, sites: Sequence[SiteHandle], plan: Mapping[str, Any], settings: TrainerSettings) -> None:
+        self.sites = list(sites)
+        self.plan = FederatedPlan.parse(plan)
+        self.settings = settings
+        self.run_dir = Path(settings.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._check_same_plan(plan)
+        self.model, self.tokenizer = build_from_spec(plan["model"])
+        self.vector, self.layout = flatten_trainable(self.model)
+        test = load_test_subset(settings.imdb_source, settings.test_size, settings.test_seed)
+        self.test_texts, self.test_labels = test["text"].tolist(), test["label"].tolist()
+        self.report = RunReport(run_id=self.plan.run_id)
+        self.next_round = 0
+        self._resume()
+
+    def _check_same_plan(self, plan: Mapping[str, Any]) -> None:
+        path = self.run_dir / PLAN_FILE
+        if path.exists() and read_json(path) != dict(plan):
+            raise ValueError(f"{self.run_dir} holds another run's plan: use a new run_dir for a new plan")
+        write_json_atomic(path, dict(plan))
+
+    def _resume(self) -> None:
+        checkpoint = load_latest(self.run_dir)
+        if checkpoint is None:
+            return
+        restore_into(self.model, checkpoint)
+        self.next_round = checkpoint.round_index + 1
+        if (self.run_dir / REPORT_FILE).exists():
+            self.report = RunReport.load_json(self.run_dir / REPORT_FILE)
+
+    def _claim_attempts(self, round_index: int) -> int:
+        """The first attempt number for this round, persisted before use so a restart never reuses one."""
+        path = self.run_dir / ATTEMPTS_FILE
+        claimed = dict(read_json(path)) if path.exists() else {}
+        first = int(claimed.get(str(round_index), 0))
+        claimed[str(round_index)] = first + self.settings.attempts_per_round
+        write_json_atomic(path, claimed)
+        return first
+
+    def run(self) -> RunReport:
+        rounds = range(self.next_round, self.plan.dp.rounds)
+        if self.settings.progress:
+            from tqdm.auto import tqdm
+
+            iterator: Any = tqdm(rounds, desc=f"{self.plan.run_id}", unit="round", initial=self.next_round,
+                                 total=self.plan.dp.rounds)
+        else:
+            iterator = rounds
+        for round_index in iterator:
+            record = self.run_one_round(round_index)
+            if self.settings.progress:
+                iterator.set_postfix(accuracy=f"{record.accuracy:.3f}",
+                                     epsilon=f"{max(record.epsilon_spent.values(), default=0.0):.2f}")
+        return self.report
+
+    def run_one_round(self, round_index: int) -> RoundRecord:
+        vector, _ = flatten_trainable(self.model)
+        outcome = run_round(self.sites, self.plan, round_index, vector.astype(np.float32),
+                            max_attempts=self.settings.attempts_per_round,
+                            first_attempt=self._claim_attempts(round_index))
+        apply_flat_delta(self.model, self.layout, outcome.average.astype(np.float32), scale=self.settings.server_lr)
+        started = time.perf_counter()
+        evaluation = evaluate(self.model, self.tokenizer, self.test_texts, self.test_labels,
+                              max_length=self.plan.dp.max_length, batch_size=self.settings.eval_batch_size)
+        seconds = {**outcome.times, "evaluation": round(time.perf_counter() - started, 3)}
+        record = RoundRecord(round_index=round_index, accuracy=evaluation.accuracy, mean_loss=evaluation.mean_loss,
+                             epsilon_spent=dict(outcome.epsilon_spent), participants=outcome.participants,
+                             dropped=outcome.dropped, seconds=seconds)
+        save_checkpoint(self.run_dir, round_index=round_index, model=self.model, layout=self.layout,
+                        meta={"run_id": self.plan.run_id, "accuracy": evaluation.accuracy})
+        self.report.append_round(record)
+        self.report.save_json(self.run_dir / REPORT_FILE)
+        self.report.plot_png(self.run_dir / PLOT_FILE)
+        self.next_round = round_index + 1
+        return record
