@@ -10,22 +10,20 @@ and the audit trail never lag behind syft.
 
 from __future__ import annotations
 
-import tempfile
-import textwrap
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from datasites.errors import FedsiteError
 from datasites.sitedir import SiteDir
-from policies.approvals import Approval, ApprovalRegistry, ExecutionContext, authorised
+from policies.approvals import Approval, ApprovalRegistry
 from policies.audit import AuditLog, RequestApproved, RequestDenied
 from policies.dp import CalibratedPlan, DPPlanError, calibrate_plan
 from policies.federated_plan import FederatedPlan, FederatedPlanError
 from policies.fingerprint import UnknownDatasetError, read_dataset_facts
 from policies.ledger import BudgetExceededError, PrivacyLedger
 from policies.review import CodeReview, code_hash, review_code
-from policies.submission import SubmissionError, canonical_plan, function_name
+from policies.submission import SubmissionError, canonical_plan, dry_run, function_name
 from policies.syft_client import quiet
 
 CANONICAL_INPUT_POLICY = "MixedInputPolicy"
@@ -179,28 +177,14 @@ def _dry_run(client: Any, site: SiteDir, raw: str, summary: RequestSummary, plan
     """Run the exact submitted function on the mock twin, in this process, spending nothing."""
     with quiet():
         mock = client.datasets[plan.dataset].assets[ASSET].mock
-    namespace: dict[str, Any] = {}
-    exec(compile(textwrap.dedent(_strip_decorators(raw)), f"<request {summary.request_id}>", "exec"), namespace)
     provisional = Approval(request_id=summary.request_id, code_hash=code_hash(raw), researcher=summary.researcher,
                            dataset=plan.dataset, plan=dict(plan.raw), calibrated=calibrated.to_dict() if calibrated else {},
                            admin="review", approved_at=datetime.now(UTC).isoformat())
-    with tempfile.TemporaryDirectory() as scratch:
-        from pathlib import Path
-
-        execution = ExecutionContext(site=site.meta().name, data_dir=Path(scratch), approval=provisional,
-                                     researcher=summary.researcher, dry_run=True)
-        with authorised(execution):
-            result = namespace[summary.function](data=mock, stage="dry_run", message={})
+    result = dry_run(raw, mock, site=site.meta().name, researcher=summary.researcher, approval=provisional)
     if "refused" in result:
         problems.append(f"dry run: {result['refused']}")
         return None
-    return dict(result)
-
-
-def _strip_decorators(raw: str) -> str:
-    lines = textwrap.dedent(raw).splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("def "))
-    return "\n".join(lines[start:]) + "\n"
+    return result
 
 
 def approve_request(client: Any, site: SiteDir, request_id: str, *, admin: str) -> Approval:

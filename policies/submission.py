@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import ast
 import pprint
+import tempfile
 import textwrap
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 ROUND_FUNCTION_TEMPLATE = '''\
@@ -87,3 +89,26 @@ def canonical_plan(source: str) -> dict[str, Any]:
             "besides the plan): regenerate it with researcher.federation"
         )
     return plan
+
+
+def dry_run(source: str, data: Any, *, site: str, researcher: str, approval: Any) -> dict[str, Any]:
+    """Run a canonical round function's source on mock ``data`` in a dry-run context; spends nothing.
+
+    Used by the admin's review (on the site's mock twin) and by the researcher before submitting (on
+    the mock it downloaded). The dry-run context points at a scratch directory and is never one the
+    execution guard creates, so this path cannot touch a site's private data, ledger or keys.
+    """
+    plan = canonical_plan(source)
+    from policies.approvals import ExecutionContext, authorised
+
+    namespace: dict[str, Any] = {}
+    node = _function_node(source)
+    node.decorator_list = []  # syft's decorator, if written in the source, is not part of the function
+    code = compile(ast.unparse(node), "<submitted round function>", "exec")
+    exec(code, namespace)
+    with tempfile.TemporaryDirectory() as scratch:
+        execution = ExecutionContext(site=site, data_dir=Path(scratch), approval=approval, researcher=researcher,
+                                     dry_run=True)
+        with authorised(execution):
+            result = namespace[function_name(plan["run_id"])](data=data, stage="dry_run", message={})
+    return dict(result)

@@ -16,12 +16,15 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from policies.approvals import Approval
 from policies.federated_plan import PLAN_FORMAT, FederatedPlan
+from policies.review import code_hash
 from policies.secagg import (
     AdvertiseKeys,
     MaskedInput,
@@ -32,7 +35,7 @@ from policies.secagg import (
     UnmaskShares,
 )
 from policies.site_runtime import encode_vector
-from policies.submission import function_name, render_round_function
+from policies.submission import dry_run, function_name, render_round_function
 from policies.syft_client import quiet
 
 ASSET = "reviews"
@@ -120,6 +123,24 @@ def submit(site: SiteHandle, plan: Mapping[str, Any], directory: Path) -> None:
             output_policy=OutputPolicyExecuteCount(limit=1_000_000),
         )(function)
         site.client.code.request_code_execution(syft_function)
+
+
+def dry_run_on_mock(site: SiteHandle, plan: Mapping[str, Any]) -> dict[str, Any]:
+    """Run the exact function you would submit on ``site``'s mock twin, locally (nothing is sent).
+
+    It builds the planned model, checks its size against the plan and takes one noisy step, as the
+    site's admin will in the review; a failure here will be a refusal there.
+    """
+    source = render_round_function(plan)
+    approval = Approval(request_id="local-dry-run", code_hash=code_hash(source), researcher="you",
+                        dataset=str(plan["dataset"]), plan=dict(plan), calibrated={}, admin="none",
+                        approved_at=datetime.now(UTC).isoformat())
+    with quiet():
+        mock = site.asset().mock
+    result = dry_run(source, mock, site=site.name, researcher="you", approval=approval)
+    if "refused" in result:
+        raise SiteRefusedError(f"dry run on {site.name}'s mock: {result['refused']}")
+    return result
 
 
 @dataclass

@@ -23,7 +23,15 @@ from policies.ledger import PrivacyLedger
 from policies.secagg import AdvertiseKeys, MaskedInput, ShareKeys, SignedSurvivors
 from policies.site_runtime import encode_vector
 from researcher.fedavg import flatten_trainable
-from researcher.federation import FederatedRound, SiteHandle, SiteRefusedError, make_plan, run_round, submit
+from researcher.federation import (
+    FederatedRound,
+    SiteHandle,
+    SiteRefusedError,
+    dry_run_on_mock,
+    make_plan,
+    run_round,
+    submit,
+)
 from researcher.models import build_from_spec
 from tests.conftest import ADMIN_PASSWORD, RESEARCHER_PASSWORD
 
@@ -102,6 +110,14 @@ def test_review_shows_code_plan_privacy_and_dry_run(federation: Federation) -> N
     assert report.dry_run is not None and report.dry_run["trainable_parameters"] == len(federation.vector)
     text = report.render_text()
     assert "def fedsite_run_" in text and "projected" in text and "no problems" in text
+
+
+def test_researcher_dry_runs_the_exact_function_on_a_mock(federation: Federation) -> None:
+    result = dry_run_on_mock(federation.handles[2], federation.plan())
+
+    assert result["dry_run"] is True
+    assert result["trainable_parameters"] == len(federation.vector)
+    assert result["mock_rows"] == 64
 
 
 def test_two_rounds_train_and_spend_on_every_site(federation: Federation, approved: FederatedPlan) -> None:
