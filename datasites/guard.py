@@ -14,6 +14,7 @@ the executing server's id and refuses code on a server it does not know (fail cl
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from policies.approvals import ApprovalRegistry, ExecutionContext, authorised
 from policies.audit import AuditLog, ExecutionRefused
 from policies.review import code_hash
 
+logger = logging.getLogger("fedsite.guard")
 _sites: dict[str, GuardedSite] = {}
 _install_lock = threading.Lock()
 _installed = False
@@ -62,12 +64,40 @@ def install_guard() -> None:
         @functools.wraps(original)
         def guarded(self: Any, context: Any, code_item: Any, kwargs: dict[str, Any], result_id: Any = None) -> Any:
             execution = authorise(context, code_item, kwargs)
-            with authorised(execution):
-                return original(self, context, code_item, kwargs, result_id)
+            try:
+                with authorised(execution):
+                    return original(self, context, code_item, kwargs, result_id)
+            finally:
+                discard_call_inputs(self, context, kwargs)
 
         guarded.__fedsite_guard__ = True  # type: ignore[attr-defined]
         ActionService._user_code_execute = guarded
         _installed = True
+
+
+CALL_INPUTS = ("stage", "message")  # the researcher's per-call values of the canonical round function
+
+
+def discard_call_inputs(action_service: Any, context: Any, kwargs: dict[str, Any]) -> None:
+    """Delete the researcher's per-call inputs once the call is over.
+
+    syft keeps every uploaded argument, and puts those over 1 MB (a global model) in blob storage
+    that it never cleans up (SYFT_NOTES.md, "Persistence"); over many rounds that fills the site's
+    disk. The inputs are not needed after the call: the site's own state lives in its data dir.
+    """
+    from syft.service.context import AuthedServiceContext
+    from syft.service.user.user_roles import ServiceRole
+    from syft.types.errors import SyftException
+    from syft.types.uid import UID
+
+    admin = AuthedServiceContext(server=context.server, credentials=context.server.verify_key, role=ServiceRole.ADMIN)
+    for name in CALL_INPUTS:
+        uid = kwargs.get(name)
+        if isinstance(uid, UID):
+            try:
+                action_service.delete(admin, uid)
+            except SyftException as exc:
+                logger.warning("could not delete the %s input %s of a call: %s", name, uid, exc)
 
 
 def _refuse(message: str) -> Exception:

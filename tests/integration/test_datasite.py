@@ -223,3 +223,41 @@ def test_restart_keeps_datasets_users_and_budget(tmp_path: Path, private: pd.Dat
         assert "imdb                           3      1e-05         50" in render_budgets(second.site)
     finally:
         second.stop()
+
+
+def test_per_call_inputs_do_not_accumulate_in_blob_storage(site: InProcessSite, researcher: Any) -> None:
+    import syft as sy
+    from syft.service.policy.policy import OutputPolicyExecuteCount
+
+    asset = _asset(researcher)
+
+    def payload_size(data, stage, message):  # type: ignore[no-untyped-def]
+        return len(message["blob"])
+
+    with quiet():
+        function = sy.syft_function(
+            input_policy=sy.MixedInputPolicy(client=researcher, data=asset, stage=str, message=dict),
+            output_policy=OutputPolicyExecuteCount(limit=100))(payload_size)
+        researcher.code.request_code_execution(function)
+    admin = site.login(email=site.meta.admin_email, password=ADMIN_PASSWORD)
+    with quiet():
+        request = next(r for r in admin.requests if r.code.service_func_name == "payload_size")
+        request.approve()
+        raw_code = request.code.raw_code
+    ApprovalRegistry(site.site.path).record(Approval(
+        request_id=str(request.id.no_dash), code_hash=code_hash(raw_code), researcher=RESEARCHER, dataset="imdb",
+        plan={}, calibrated={}, admin=site.meta.admin_email, approved_at="2026-11-26T00:00:00+00:00"))
+    blob_dir = site.site.syft_dir / "blob"
+    big = "x" * 3_000_000  # a global model's worth: syft stores it as a blob file
+
+    def blob_bytes() -> int:
+        return sum(p.stat().st_size for p in blob_dir.rglob("*") if p.is_file())
+
+    before = blob_bytes()
+    sizes = []
+    for _ in range(3):
+        with quiet():
+            sizes.append(researcher.code.payload_size(data=asset, stage="x", message={"blob": big}).get())
+
+    assert sizes == [3_000_000] * 3
+    assert blob_bytes() - before < 1_000_000
