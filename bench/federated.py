@@ -1,0 +1,234 @@
+"""Federated IMDB accuracy vs per-site epsilon, and where a round's time goes.
+
+Every DP cell is a real run: three in-process syft datasites with IMDB partitions, the admins'
+review and approval, R rounds of per-site Opacus DP-SGD whose updates leave only through the
+SecAgg secure sum, FedAvg and evaluation on the public test split. The "no DP" cell is FedAvg of
+plain local training on the same partitions (no syft, no noise). The centralised figures of the
+same model come from ``bench/accuracy.py`` with the same sizes.
+
+Round-time breakdown (seconds per round, mean over rounds): dispatch+transfer = the stage calls'
+wall time minus what the sites spent training and masking; training and masking as the slowest
+site reported them; unmasking = the Unmask stage plus the aggregator's reconstruction.
+
+The setup of the Flower reference measured on this machine (3 clients x 1,000 reviews, MiniLM full
+fine-tuning, seq 128, batch 16, 1 local epoch, 3 rounds):
+
+    python bench/federated.py --flower-setup --epsilons 8,inf --schemes iid
+
+``--quick`` is a tiny-model smoke run (CI runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import secrets
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from datasites.admin import add_researcher, upload_partition  # noqa: E402
+from datasites.data import load_imdb  # noqa: E402
+from datasites.partition import partition_indices  # noqa: E402
+from datasites.review_queue import approve_request, list_requests  # noqa: E402
+from datasites.server import launch_in_process  # noqa: E402
+from policies.budget import PrivacyBudget  # noqa: E402
+from policies.dp import encode_texts  # noqa: E402
+from researcher.evaluation import evaluate, load_test_subset  # noqa: E402
+from researcher.fedavg import apply_flat_delta, flatten_trainable  # noqa: E402
+from researcher.federation import SiteHandle, make_plan, submit  # noqa: E402
+from researcher.models import build_from_spec  # noqa: E402
+from researcher.trainer import FederatedTrainer, TrainerSettings  # noqa: E402
+
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "imdb"
+SITES = ("site-a", "site-b", "site-c")
+
+
+@dataclass(frozen=True)
+class Cell:
+    scheme: str
+    epsilon: float
+    accuracy: float
+    wall_s: float
+    breakdown: dict[str, float]
+
+
+def model_spec(args: argparse.Namespace) -> dict[str, Any]:
+    trainable: dict[str, Any] = {"kind": args.trainable}
+    if args.trainable == "lora":
+        trainable["lora_rank"] = args.lora_rank
+    if args.tiny:
+        return {"name": None, "tiny": {"hidden_size": 32, "layers": 2, "heads": 2, "max_length": args.seq_len},
+                "trainable": trainable, "seed": 0}
+    return {"name": args.model, "trainable": trainable, "seed": 0}
+
+
+def local_steps(args: argparse.Namespace) -> int:
+    return max(1, round(args.local_epochs * args.reviews_per_site / args.batch))
+
+
+def partitions(args: argparse.Namespace, scheme: str) -> list[Any]:
+    reviews = load_imdb(args.data, split="train")
+    parts = partition_indices(reviews["label"].to_numpy(), n_sites=len(SITES), scheme=scheme, seed=args.seed,
+                              alpha=args.alpha)
+    return [reviews.iloc[p[: args.reviews_per_site]].reset_index(drop=True) for p in parts]
+
+
+def breakdown(seconds: list[dict[str, float]]) -> dict[str, float]:
+    stages = ("advertise_keys", "share_keys", "mask_input", "consistency_check", "unmask")
+    mean = {key: float(np.mean([s.get(key, 0.0) for s in seconds])) for key in {k for s in seconds for k in s}}
+    training, masking = mean.get("site_training", 0.0), mean.get("site_masking", 0.0)
+    return {
+        "dispatch+transfer": sum(mean.get(s, 0.0) for s in stages) - training - masking - mean.get("unmask", 0.0),
+        "training": training,
+        "masking": masking,
+        "unmasking": mean.get("unmask", 0.0) + mean.get("unmask_aggregate", 0.0),
+        "evaluation": mean.get("evaluation", 0.0),
+    }
+
+
+def dp_cell(args: argparse.Namespace, scheme: str, epsilon: float, work: Path) -> Cell:
+    """One real federated run through syft datasites and the secure sum."""
+    started = time.perf_counter()
+    admin_password, researcher_password = secrets.token_urlsafe(18), secrets.token_urlsafe(18)
+    running, handles = [], []
+    try:
+        for name, rows in zip(SITES, partitions(args, scheme), strict=True):
+            site = launch_in_process(work / name, admin_password=admin_password, name=name)
+            running.append(site)
+            admin = site.login(email=site.meta.admin_email, password=admin_password)
+            upload_partition(admin, site.site, dataset="imdb", reviews=rows,
+                             budget=PrivacyBudget(epsilon=epsilon, delta=args.delta))
+            add_researcher(admin, name="Bench", email="bench@fedsite.org", password=researcher_password)
+            handles.append(SiteHandle(name=name, client=site.login(email="bench@fedsite.org",
+                                                                   password=researcher_password),
+                                      identity_key=site.site.identity_public_hex()))
+        spec = model_spec(args)
+        vector_length = len(flatten_trainable(build_from_spec(spec)[0])[0])
+        dp = {"clip_norm": args.clip, "delta": args.delta, "expected_batch_size": args.batch,
+              "local_steps": local_steps(args), "rounds": args.rounds, "target_epsilon": epsilon,
+              "learning_rate": args.dp_lr, "max_length": args.seq_len, "max_physical_batch_size": args.physical_batch}
+        plan = make_plan(sites=handles, model=spec, dp=dp, vector_length=vector_length, clip=args.update_clip)
+        for handle in handles:
+            submit(handle, plan, work / "functions")
+        for site in running:
+            admin = site.login(email=site.meta.admin_email, password=admin_password)
+            request = next(r.request_id for r in list_requests(admin) if r.status == "pending")
+            approve_request(admin, site.site, request, admin=site.meta.admin_email)
+        trainer = FederatedTrainer(handles, plan, TrainerSettings(run_dir=work / "run", imdb_source=str(args.data),
+                                                                  test_size=args.test_size, progress=False))
+        report = trainer.run()
+    finally:
+        for site in running:
+            site.stop()
+    return Cell(scheme, epsilon, report.rounds[-1].accuracy, time.perf_counter() - started,
+                breakdown([dict(r.seconds) for r in report.rounds]))
+
+
+def non_private_cell(args: argparse.Namespace, scheme: str) -> Cell:
+    """FedAvg of plain local AdamW training on the same partitions (no syft, no noise)."""
+    started = time.perf_counter()
+    spec = model_spec(args)
+    model, tokenizer = build_from_spec(spec)
+    vector, layout = flatten_trainable(model)
+    parts = partitions(args, scheme)
+    for _ in range(args.rounds):
+        deltas = []
+        for rows in parts:
+            local, _ = build_from_spec(spec)
+            apply_flat_delta(local, layout, vector - flatten_trainable(local)[0], scale=1.0)
+            train_locally(local, tokenizer, rows, args)
+            deltas.append(flatten_trainable(local)[0] - vector)
+        vector = (vector + np.mean(deltas, axis=0)).astype(np.float32)
+    apply_flat_delta(model, layout, vector - flatten_trainable(model)[0], scale=1.0)
+    test = load_test_subset(args.data, args.test_size, 0)
+    accuracy = evaluate(model, tokenizer, test["text"].tolist(), test["label"].tolist(), max_length=args.seq_len).accuracy
+    return Cell(scheme, math.inf, accuracy, time.perf_counter() - started, {})
+
+
+def train_locally(model: torch.nn.Module, tokenizer: Any, rows: Any, args: argparse.Namespace) -> None:
+    data = encode_texts(tokenizer, rows["text"].tolist(), rows["label"].tolist(), max_length=args.seq_len)
+    loader = torch.utils.data.DataLoader(data, batch_size=args.batch, shuffle=True,
+                                         generator=torch.Generator().manual_seed(args.seed))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    model.train()
+    for _ in range(max(1, round(args.local_epochs))):
+        for input_ids, attention_mask, labels in loader:
+            optimizer.zero_grad()
+            model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.backward()
+            optimizer.step()
+
+
+def table(cells: list[Cell]) -> str:
+    keys = ("dispatch+transfer", "training", "masking", "unmasking", "evaluation")
+    lines = ["| scheme | per-site epsilon | test accuracy | wall s | " + " | ".join(f"{k} s/round" for k in keys) + " |",
+             "| --- | --- | ---: | ---: | " + " | ".join("---:" for _ in keys) + " |"]
+    for c in cells:
+        eps = "no DP (FedAvg, no syft)" if math.isinf(c.epsilon) else f"{c.epsilon:g}"
+        times = " | ".join(f"{c.breakdown[k]:.1f}" if k in c.breakdown else "-" for k in keys)
+        lines.append(f"| {c.scheme} | {eps} | {c.accuracy:.4f} | {c.wall_s:.0f} | {times} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with train.parquet and test.parquet")
+    parser.add_argument("--model", default="all-MiniLM-L6-v2")
+    parser.add_argument("--tiny", action="store_true", help="a tiny random BERT instead of the model")
+    parser.add_argument("--trainable", choices=["full", "top_k", "lora"], default="lora")
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--reviews-per-site", type=int, default=1000)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=64, help="expected (Poisson) batch per local step")
+    parser.add_argument("--physical-batch", type=int, default=32)
+    parser.add_argument("--local-epochs", type=float, default=1.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--epsilons", type=lambda s: [float(x) for x in s.split(",")], default=[1.0, 3.0, 8.0, math.inf])
+    parser.add_argument("--schemes", type=lambda s: s.split(","), default=["iid", "label-skew"])
+    parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha of label-skew")
+    parser.add_argument("--delta", type=float, default=1e-5)
+    parser.add_argument("--clip", type=float, default=1.0, help="per-sample gradient clip")
+    parser.add_argument("--update-clip", type=float, default=0.05, help="secure-sum clip range per coordinate")
+    parser.add_argument("--lr", type=float, default=5e-4, help="non-private AdamW learning rate")
+    parser.add_argument("--dp-lr", type=float, default=5e-3, help="DP AdamW learning rate")
+    parser.add_argument("--test-size", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--flower-setup", action="store_true",
+                        help="3 x 1,000 reviews, MiniLM full fine-tuning, seq 128, batch 16, 1 local epoch, 3 rounds")
+    parser.add_argument("--quick", action="store_true", help="tiny model, 120 reviews per site, 2 rounds, epsilon 8")
+    args = parser.parse_args(argv)
+    if args.flower_setup:
+        args.reviews_per_site, args.trainable, args.seq_len, args.batch = 1000, "full", 128, 16
+        args.physical_batch, args.local_epochs, args.rounds = 16, 1.0, 3
+    if args.quick:
+        args.tiny, args.reviews_per_site, args.rounds, args.seq_len, args.batch = True, 120, 2, 64, 32
+        args.epsilons, args.schemes, args.test_size, args.update_clip = [8.0, math.inf], ["iid"], 100, 0.5
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[Cell]:
+    args = parse_args(argv)
+    cells = []
+    for scheme in args.schemes:
+        for epsilon in args.epsilons:
+            if math.isinf(epsilon):
+                cells.append(non_private_cell(args, scheme))
+                continue
+            with tempfile.TemporaryDirectory() as work:
+                cells.append(dp_cell(args, scheme, epsilon, Path(work)))
+            print(table(cells[-1:]).splitlines()[-1], flush=True)
+    print(table(cells))
+    return cells
+
+
+if __name__ == "__main__":
+    main()
