@@ -33,7 +33,8 @@ from researcher.federation import (
     submit,
 )
 from researcher.models import build_from_spec
-from tests.conftest import ADMIN_PASSWORD, RESEARCHER_PASSWORD
+from researcher.trainer import FederatedTrainer, TrainerSettings
+from tests.conftest import ADMIN_PASSWORD, IMDB_DIR, RESEARCHER_PASSWORD
 
 pytestmark = pytest.mark.integration
 
@@ -200,6 +201,23 @@ def test_an_over_budget_plan_is_refused_at_review(federation: Federation) -> Non
 
     assert any(p.startswith("privacy: site 'site-b' refuses the plan") and "over the budget epsilon=8" in p
                for p in report.problems)
+
+
+def test_the_researcher_resumes_after_its_process_dies(federation: Federation, tmp_path: Path) -> None:
+    raw = federation.plan(dp={"rounds": 2})
+    federation.submit_all(raw)
+    federation.approve_all()
+    settings = TrainerSettings(run_dir=tmp_path / "run", imdb_source=str(IMDB_DIR), test_size=40, progress=False)
+    first = FederatedTrainer(federation.handles, raw, settings)
+    first.run_one_round(0)
+
+    second = FederatedTrainer(federation.handles, raw, settings)  # a new process on the same run_dir
+    restored = flatten_trainable(second.model)[0]
+    report = second.run()
+
+    assert np.array_equal(restored, flatten_trainable(first.model)[0])
+    assert [r.round_index for r in report.rounds] == [0, 1]
+    assert (tmp_path / "run" / "report.png").stat().st_size > 0
 
 
 def test_budget_lowered_after_approval_stops_the_next_round(federation: Federation) -> None:
