@@ -148,6 +148,9 @@ def review_and_approve(sites: list[DemoSite]) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> None:
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()  # the "newly initialised classifier" report, once per model build
     size = QUICK if args.quick else DEFAULT
     if args.rounds is not None:
         size = DemoSize(size.reviews_per_site, size.model, {**size.dp, "rounds": args.rounds}, size.test_size)
