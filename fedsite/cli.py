@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import re
+import string
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -108,6 +110,248 @@ def cmd_budget(args: argparse.Namespace) -> None:
     print(render_budgets(SiteDir(args.data_dir)))
 
 
+# ---- reviewing requests (the site must be running) ---------------------------------------------
+
+MIN_REQUEST_PREFIX = 6
+SHORT_ID = 12
+
+
+def _request_prefix(given: str) -> str:
+    """A request id or prefix, normalised; checked before any connection is made."""
+    prefix = given.replace("-", "").lower()
+    if len(prefix) < MIN_REQUEST_PREFIX or any(c not in string.hexdigits for c in prefix):
+        raise FedsiteError(f"request id {given!r} must be at least {MIN_REQUEST_PREFIX} hex digits: "
+                           "copy it from `fedsite admin requests`")
+    return prefix
+
+
+def _resolve_request(client: Any, prefix: str) -> Any:
+    """The one request whose id starts with ``prefix``; an ambiguous prefix names every match."""
+    from datasites.review_queue import list_requests
+
+    matches = [r for r in list_requests(client) if r.request_id.startswith(prefix)]
+    if not matches:
+        raise FedsiteError(f"no request {prefix!r} on this site: list them with `fedsite admin requests`")
+    if len(matches) > 1:
+        ids = ", ".join(r.request_id for r in matches)
+        raise FedsiteError(f"request id {prefix!r} is ambiguous, it matches {len(matches)} requests ({ids}): "
+                           "give more digits")
+    return matches[0]
+
+
+def _pending_request(client: Any, prefix: str) -> Any:
+    """Only a pending request may be decided; a decided one is never silently decided again."""
+    summary = _resolve_request(client, prefix)
+    if summary.status != "pending":
+        raise FedsiteError(f"request {summary.request_id[:SHORT_ID]} is already {summary.status}: "
+                           "only pending requests can be approved or denied")
+    return summary
+
+
+def render_requests(site_name: str, requests: Sequence[Any]) -> str:
+    """The table of ``fedsite admin requests``."""
+    if not requests:
+        return f"site {site_name}: no requests yet"
+    lines = [f"site {site_name}", f"{'request':<{SHORT_ID}}  {'function':<30} {'researcher':<28} status"]
+    lines += [f"{r.request_id[:SHORT_ID]}  {r.function:<30} {r.researcher:<28} {r.status}" for r in requests]
+    return "\n".join(lines)
+
+
+def cmd_requests(args: argparse.Namespace) -> None:
+    from datasites.review_queue import list_requests
+
+    site, client = _admin_client(args)
+    print(render_requests(site.meta().name, list_requests(client)))
+
+
+def cmd_show(args: argparse.Namespace) -> None:
+    from datasites.review_queue import review_request
+
+    prefix = _request_prefix(args.request_id)
+    site, client = _admin_client(args)
+    summary = _resolve_request(client, prefix)
+    print(review_request(client, site, summary.request_id, with_dry_run=not args.no_dry_run).render_text())
+
+
+def render_approval(approval: Any) -> str:
+    calibrated, dp = approval.calibrated, approval.plan["dp"]
+    return (f"approved request {approval.request_id[:SHORT_ID]} from {approval.researcher} on {approval.dataset}: "
+            f"run {approval.plan['run_id']}, {dp['rounds']} rounds x {dp['local_steps']} local steps, noise "
+            f"multiplier {calibrated['noise_multiplier']:.3f}, projected epsilon "
+            f"{calibrated['projected_epsilon']:.3f} of budget {calibrated['budget_epsilon']:g}")
+
+
+def cmd_approve(args: argparse.Namespace) -> None:
+    from datasites.review_queue import approve_request
+    from policies.approvals import ExecutionRefusedError
+
+    prefix = _request_prefix(args.request_id)
+    site, client = _admin_client(args)
+    summary = _pending_request(client, prefix)
+    try:
+        approval = approve_request(client, site, summary.request_id, admin=site.meta().admin_email)
+    except ExecutionRefusedError as exc:
+        raise FedsiteError(f"request {summary.request_id[:SHORT_ID]} was not approved: {exc}") from None
+    print(render_approval(approval))
+
+
+def cmd_deny(args: argparse.Namespace) -> None:
+    from datasites.review_queue import deny_request
+
+    prefix = _request_prefix(args.request_id)
+    site, client = _admin_client(args)
+    summary = _pending_request(client, prefix)
+    deny_request(client, site, summary.request_id, reason=args.reason, admin=site.meta().admin_email)
+    print(f"denied request {summary.request_id[:SHORT_ID]} ({summary.function}) from {summary.researcher}; "
+          f"they see the reason: {args.reason}")
+
+
+# ---- auditing (reads the data dir; the site need not run) ---------------------------------------
+
+# The fields of an audit event worth a column, in print order; hashes and ids are shortened.
+_EVENT_FIELDS = ("request_id", "researcher", "dataset", "admin", "epsilon", "delta", "output_sha256", "code_hash",
+                 "reason")
+_SHORTENED = {"request_id", "output_sha256", "code_hash"}
+_ANCHOR = re.compile(r"(?P<count>[0-9]+):(?P<digest>[0-9a-f]{64})")
+
+
+def _parse_anchor(text: str) -> Any:
+    """``N:HASH`` as written down from an earlier ``audit --verify``."""
+    from policies.audit import AuditHead
+
+    match = _ANCHOR.fullmatch(text)
+    if match is None:
+        raise FedsiteError(f"--anchor {text!r} is not N:HASH (entries, then 64 lowercase hex digits): copy it from "
+                           "the `write down this anchor` line of an earlier `fedsite admin audit --verify`")
+    return AuditHead(int(match["count"]), match["digest"])
+
+
+def render_event(number: int, event: Any) -> str:
+    """One audit event: its line number, time, kind, round and key fields."""
+    record = event.to_record()
+    round_ = record.get("round")
+    fields = [f"{name}={str(record[name])[:SHORT_ID] if name in _SHORTENED else record[name]}"
+              for name in _EVENT_FIELDS if name in record]
+    return (f"{number:>5}  {event.timestamp[:19]}Z  {event.kind:<20} "
+            f"{'-' if round_ is None else round_:>5}  {' '.join(fields)}")
+
+
+def render_events(events: Sequence[Any]) -> str:
+    if not events:
+        return "the audit log is empty"
+    header = f"{'line':>5}  {'time (UTC)':<20}  {'kind':<20} {'round':>5}  fields"
+    return "\n".join([header, *(render_event(n, e) for n, e in enumerate(events, start=1))])
+
+
+def _ledgers(site: Any) -> list[Any]:
+    """Every privacy ledger of the site, opened with the accountant it was written with."""
+    from policies.durable import HashChainedJournal
+    from policies.ledger import LEDGER_DIR, PrivacyLedger
+
+    ledgers = []
+    for path in sorted((site.path / LEDGER_DIR).glob("*/*.jsonl")):
+        try:
+            entries = HashChainedJournal(path).entries()
+            accountant = str(entries[0].record["accountant"]) if entries else "prv"
+            ledgers.append(PrivacyLedger(site.path, path.parent.name, path.stem, site=site.meta().name,
+                                         accountant=accountant))
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            raise FedsiteError(f"privacy ledger {path} failed verification: {exc}") from None
+    return ledgers
+
+
+def _spent_and_budget(ledger: Any) -> tuple[float, float]:
+    from policies.budget import BudgetError
+
+    try:
+        return ledger.spent(), ledger.budget.epsilon
+    except BudgetError as exc:
+        raise FedsiteError(f"privacy ledger {ledger.path}: {exc}") from None
+
+
+def render_ledgers(site: Any) -> str:
+    """The table of ``fedsite admin ledger``: what each researcher spent of each dataset's budget."""
+    ledgers = _ledgers(site)
+    if not ledgers:
+        return f"site {site.meta().name}: no privacy spent yet"
+    lines = [f"site {site.meta().name}", f"{'dataset':<16} {'researcher':<28} {'records':>7} {'spent':>9} {'budget':>9}"]
+    for ledger in ledgers:
+        spent, budget = _spent_and_budget(ledger)
+        lines.append(f"{ledger.dataset:<16} {ledger.researcher:<28} {len(ledger.records()):>7} {spent:>9.4f} "
+                     f"{budget:>9g}")
+    return "\n".join(lines)
+
+
+def _verify_ledgers(site: Any) -> list[str]:
+    """Replay every ledger: the chain, and each stored epsilon recomputed from the events."""
+    from policies.durable import JournalCorruptError
+    from policies.ledger import LedgerReplayError
+
+    lines = []
+    for ledger in _ledgers(site):
+        try:
+            records = ledger.replay()
+        except (LedgerReplayError, JournalCorruptError) as exc:
+            raise FedsiteError(f"privacy ledger failed verification: {exc}") from None
+        spent, budget = _spent_and_budget(ledger)
+        lines.append(f"privacy ledger {ledger.dataset} / {ledger.researcher}: {len(records)} records replayed, "
+                     f"spent epsilon {spent:.4f} of budget {budget:g}")
+    return lines or ["no privacy ledgers yet"]
+
+
+def _verify_approvals(site: Any) -> str:
+    from policies.approvals import ApprovalRegistry
+    from policies.durable import JournalCorruptError
+
+    journal = ApprovalRegistry(site.path).journal
+    try:
+        count = journal.verify()
+    except JournalCorruptError as exc:
+        raise FedsiteError(f"approvals journal failed verification: {exc}") from None
+    return f"approvals journal {journal.path}: {count} entries, chain intact"
+
+
+def _verify_all(site: Any, log: Any, anchor: Any) -> str:
+    report = log.verify(anchor=anchor)
+    return "\n".join([report.render_text(), _verify_approvals(site), *_verify_ledgers(site),
+                      f"write down this anchor: --anchor {report.head.n_entries}:{report.head.last_hash}"])
+
+
+def cmd_audit(args: argparse.Namespace) -> None:
+    from datasites.sitedir import SiteDir
+    from policies.audit import AuditIntegrityError, AuditLog
+
+    if args.anchor is not None and not args.verify:
+        raise FedsiteError("--anchor is checked only by --verify: pass both")
+    anchor = _parse_anchor(args.anchor) if args.anchor is not None else None
+    site = SiteDir(args.data_dir)
+    site.meta()
+    log = AuditLog(site.path)
+    try:
+        print(render_events(log.events()))
+        if args.verify:
+            print()
+            print(_verify_all(site, log, anchor))
+    except AuditIntegrityError as exc:
+        raise FedsiteError(f"{exc}: restore audit.jsonl from a backup and find out who changed it") from None
+
+
+def cmd_identity(args: argparse.Namespace) -> None:
+    from datasites.sitedir import SiteDir
+
+    site = SiteDir(args.data_dir)
+    name, key = site.meta().name, site.identity_public_hex()
+    print(f"site {name}\nidentity key (Ed25519 public, hex): {key}\nroster entry: [\"{name}\", \"{key}\"]")
+
+
+def cmd_ledger(args: argparse.Namespace) -> None:
+    from datasites.sitedir import SiteDir
+
+    site = SiteDir(args.data_dir)
+    site.meta()
+    print(render_ledgers(site))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedsite", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -129,13 +373,15 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--workers", type=int, default=0, help="syft job workers (for non-blocking jobs)")
     srv.set_defaults(func=cmd_serve)
 
-    admin = sub.add_parser("admin", help="site admin commands (the site must be running)")
+    admin = sub.add_parser("admin", help="site admin commands (those that log in need the site running)")
     admin_sub = admin.add_subparsers(dest="admin_command", required=True)
 
-    def admin_command(name: str, func: Callable[[argparse.Namespace], None], help_: str) -> argparse.ArgumentParser:
+    def admin_command(name: str, func: Callable[[argparse.Namespace], None], help_: str, *,
+                      logs_in: bool = True) -> argparse.ArgumentParser:
         cmd = admin_sub.add_parser(name, help=help_)
         cmd.add_argument("--data-dir", required=True)
-        cmd.add_argument("--admin-password-file", default=None, help="else $FEDSITE_ADMIN_PASSWORD")
+        if logs_in:
+            cmd.add_argument("--admin-password-file", default=None, help="else $FEDSITE_ADMIN_PASSWORD")
         cmd.set_defaults(func=func)
         return cmd
 
@@ -153,10 +399,55 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--delta", type=float, required=True, help="total privacy budget delta (<< 1/records)")
     up.add_argument("--mock-seed", type=int, default=0)
 
-    bud = admin_sub.add_parser("budget", help="show the privacy budget of each dataset")
-    bud.add_argument("--data-dir", required=True)
-    bud.set_defaults(func=cmd_budget)
+    admin_command("budget", cmd_budget, "show the privacy budget of each dataset", logs_in=False)
+    _add_review_commands(admin_command)
+    _add_audit_commands(admin_command)
+    _add_demo_parser(sub)
     return parser
+
+
+AdminCommand = Callable[..., argparse.ArgumentParser]
+
+
+def _add_review_commands(admin_command: AdminCommand) -> None:
+    request_id = f"a request id or a unique prefix of >= {MIN_REQUEST_PREFIX} hex digits"
+    admin_command("requests", cmd_requests, "list the code requests: id, function, researcher, status")
+    show = admin_command("show", cmd_show, "review one request: code, findings, plan, privacy, dry run on the mock")
+    show.add_argument("request_id", help=request_id)
+    show.add_argument("--no-dry-run", action="store_true", help="skip running the code on the mock twin")
+    approve = admin_command("approve", cmd_approve, "approve a request whose review shows no problems")
+    approve.add_argument("request_id", help=request_id)
+    deny = admin_command("deny", cmd_deny, "deny a request; the researcher sees the reason")
+    deny.add_argument("request_id", help=request_id)
+    deny.add_argument("--reason", required=True, help="what the researcher is told")
+
+
+def _add_audit_commands(admin_command: AdminCommand) -> None:
+    audit = admin_command("audit", cmd_audit, "print the audit log; --verify checks it, approvals and ledgers",
+                          logs_in=False)
+    audit.add_argument("--verify", action="store_true", help="verify the hash chains and replay the ledgers")
+    audit.add_argument("--anchor", default=None, metavar="N:HASH", help="an earlier head to check against")
+    admin_command("identity", cmd_identity, "print the site's identity key to pin in the roster", logs_in=False)
+    admin_command("ledger", cmd_ledger, "privacy spent per dataset and researcher", logs_in=False)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from fedsite.demo import run_demo
+
+    run_demo(args)
+
+
+def _add_demo_parser(sub: Any) -> None:
+    demo = sub.add_parser("demo", help="three datasites and a researcher: review, approve, DP rounds, secure sum")
+    demo.add_argument("--quick", action="store_true", help="a one-minute smoke run with a tiny model")
+    demo.add_argument("--http", action="store_true", help="run the sites as separate `fedsite serve` processes")
+    demo.add_argument("--out", default="fedsite-demo", help="a new folder for the sites and the report")
+    demo.add_argument("--imdb", default=None, help="IMDB source (default $FEDSITE_IMDB, else stanfordnlp/imdb)")
+    demo.add_argument("--rounds", type=int, default=None, help="override the number of rounds")
+    demo.add_argument("--epsilon", type=float, default=8.0, help="each site's privacy budget")
+    demo.add_argument("--scheme", default="iid", choices=["iid", "label-skew", "quantity-skew"])
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
