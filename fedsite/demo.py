@@ -52,9 +52,9 @@ class DemoSize:
 DEFAULT = DemoSize(
     reviews_per_site=1000,
     model={"name": "all-MiniLM-L6-v2", "trainable": {"kind": "lora", "lora_rank": 8}, "seed": 0},
-    dp={"clip_norm": 1.0, "delta": 1e-5, "expected_batch_size": 64, "local_steps": 16, "rounds": 3,
-        "target_epsilon": 8.0, "learning_rate": 5e-3, "max_length": 128, "max_physical_batch_size": 32},
-    test_size=500,
+    dp={"clip_norm": 1.0, "delta": 1e-5, "expected_batch_size": 32, "local_steps": 8, "rounds": 3,
+        "target_epsilon": 8.0, "learning_rate": 5e-3, "max_length": 128, "max_physical_batch_size": 16},
+    test_size=300,
 )
 QUICK = DemoSize(
     reviews_per_site=200,
