@@ -1,0 +1,145 @@
+"""The canonical round function, the federated plan parser and the runtime's input checks."""
+
+from __future__ import annotations
+
+import base64
+import copy
+from typing import Any
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from policies.approvals import ExecutionRefusedError
+from policies.federated_plan import FederatedPlan, FederatedPlanError
+from policies.site_runtime import SiteRefusal, decode_vector, encode_vector, run_stage
+from policies.submission import (
+    ROUND_FUNCTION_TEMPLATE,
+    SubmissionError,
+    canonical_plan,
+    function_name,
+    render_round_function,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def _key() -> str:
+    return Ed25519PrivateKey.generate().public_key().public_bytes_raw().hex()
+
+
+def make_raw_plan(**overrides: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "format": 1, "run_id": "run-0123456789ab", "dataset": "imdb",
+        "model": {"name": None, "tiny": {"hidden_size": 32}, "trainable": {"kind": "lora"}, "seed": 0},
+        "dp": {"clip_norm": 1.0, "delta": 1e-5, "expected_batch_size": 16, "local_steps": 2, "rounds": 2,
+               "target_epsilon": 3.0},
+        "secure_sum": {"vector_length": 10, "clip": 0.5, "quantisation_bits": 24, "threshold": 2,
+                       "modulus_bits": 32, "neighbourhood_size": None},
+        "roster": [["site-a", _key()], ["site-b", _key()], ["site-c", _key()]],
+    }
+    raw.update(overrides)
+    return raw
+
+
+def test_rendered_function_round_trips_its_plan() -> None:
+    raw = make_raw_plan()
+
+    source = render_round_function(raw)
+
+    assert source.startswith(f"def {function_name(raw['run_id'])}(data, stage, message):")
+    assert canonical_plan(source) == raw
+    assert canonical_plan("@sy.syft_function(input_policy=x)\n" + source) == raw
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda s: s.replace("    return run_stage", "    import os\n    return run_stage"), "not the canonical"),
+        (lambda s: s.replace("make_model=make_model)", "make_model=make_model, extra=1)"), "not the canonical"),
+        (lambda s: s.replace("(data, stage, message)", "(data, stage, message, x=1)"), "not the canonical"),
+        (lambda s: ROUND_FUNCTION_TEMPLATE.format(name="fedsite_run_0123456789ab", plan="dict(run_id='run-0')"),
+         "the plan must be a literal"),
+        (lambda s: s + "\nx = 1\n", "exactly one function definition"),
+        (lambda s: s.replace("    plan = ", "    other = "), "must start with `plan = {...}`"),
+        (lambda s: s.replace("def ", "def  (", 1), "does not parse"),
+    ],
+)
+def test_anything_but_the_canonical_function_is_refused(edit: Any, message: str) -> None:
+    source = edit(render_round_function(make_raw_plan()))
+
+    with pytest.raises(SubmissionError, match=message):
+        canonical_plan(source)
+
+
+def test_a_renamed_function_is_not_canonical() -> None:
+    source = render_round_function(make_raw_plan()).replace("fedsite_run_0123456789ab", "fedsite_run_ffffffffffff", 1)
+
+    with pytest.raises(SubmissionError, match="not the canonical"):
+        canonical_plan(source)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"format": 2}, r"plan\['format'\] must be 1"),
+        ({"run_id": "run-XYZ"}, r"plan\['run_id'\] must look like"),
+        ({"dataset": "../etc"}, r"plan\['dataset'\] '../etc' is not a dataset name"),
+        ({"extra": 1}, r"unknown fields \['extra'\]"),
+        ({"roster": [["site-a", "00" * 31], ["site-b", _key()]]}, r"invalid plan: .*must be 32 raw Ed25519 bytes"),
+        ({"roster": [["site-a", _key()]]}, r"invalid plan: a roster needs a tuple of at least 2 sites"),
+        ({"model": {"name": "x", "tiny": {"hidden_size": 4}, "trainable": {"kind": "lora"}}},
+         r"exactly one of 'name'"),
+    ],
+)
+def test_bad_plans_name_the_field(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(FederatedPlanError, match=message):
+        FederatedPlan.parse(make_raw_plan(**change))
+
+
+def test_threshold_below_a_majority_is_refused() -> None:
+    raw = make_raw_plan()
+    raw["secure_sum"] = {**raw["secure_sum"], "threshold": 1}
+
+    with pytest.raises(FederatedPlanError, match=r"threshold"):
+        FederatedPlan.parse(raw)
+
+
+def test_session_ids_are_fixed_by_the_plan() -> None:
+    plan = FederatedPlan.parse(make_raw_plan())
+
+    assert plan.session_id(3, 1) == "run-0123456789ab/round-3/attempt-1"
+    assert plan.context(3, 1).session_id == plan.session_id(3, 1)
+
+
+def test_plan_parsing_does_not_mutate_its_input() -> None:
+    raw = make_raw_plan()
+    before = copy.deepcopy(raw)
+
+    FederatedPlan.parse(raw)
+
+    assert raw == before
+
+
+def test_vectors_travel_as_exact_little_endian_float32() -> None:
+    vector = np.array([0.5, -1.25, 3.0], dtype=np.float32)
+
+    assert np.array_equal(decode_vector(encode_vector(vector), 3), vector)
+
+
+@pytest.mark.parametrize(
+    ("encoded", "length", "message"),
+    [
+        (123, 3, r"must be a base64 str, got int"),
+        (base64.b64encode(b"\x00" * 8).decode(), 3, r"has 2 values, the plan has 3 trainable parameters"),
+        (base64.b64encode(np.array([np.nan], dtype="<f4").tobytes()).decode(), 1, r"NaN or infinite"),
+    ],
+)
+def test_bad_global_models_are_refused(encoded: Any, length: int, message: str) -> None:
+    with pytest.raises(SiteRefusal, match=message):
+        decode_vector(encoded, length)
+
+
+def test_the_runtime_refuses_to_run_outside_a_guarded_execution() -> None:
+    with pytest.raises(ExecutionRefusedError, match=r"only inside a site-authorised execution"):
+        run_stage({"text": ["a"], "label": [1]}, stage="advertise_keys", message={}, plan={}, make_model=lambda: None)  # type: ignore[arg-type,return-value]
