@@ -87,11 +87,18 @@ def list_requests(client: Any) -> list[RequestSummary]:
 
 
 def _find(client: Any, request_id: str) -> Any:
+    """The request whose id starts with ``request_id`` (at least 6 hex digits; dashes ignored)."""
+    prefix = request_id.replace("-", "").lower()
+    if len(prefix) < 6:
+        raise FedsiteError(f"request id {request_id!r} is too short: give at least 6 hex digits")
     with quiet():
-        for request in client.requests:
-            if str(request.id.no_dash).startswith(request_id.replace("-", "")) and len(request_id) >= 6:
-                return request
-    raise FedsiteError(f"no request {request_id!r} on this site: list them with `fedsite admin requests`")
+        matches = [r for r in client.requests if str(r.id.no_dash).startswith(prefix)]
+    if len(matches) > 1:
+        ids = ", ".join(str(r.id.no_dash)[:12] for r in matches)
+        raise FedsiteError(f"request id {request_id!r} is ambiguous ({ids}): give more digits")
+    if not matches:
+        raise FedsiteError(f"no request {request_id!r} on this site: list them with `fedsite admin requests`")
+    return matches[0]
 
 
 def _policy_problems(code: Any, asset_action_id: str | None) -> list[str]:
