@@ -234,3 +234,21 @@ def _planned_dataset(raw: str) -> str:
         return str(canonical_plan(raw).get("dataset") or "?")
     except SubmissionError:
         return "?"
+
+
+def revoke_approval(site: SiteDir, request_id: str, *, reason: str, admin: str) -> Approval:
+    """Stop an approved run: the execution guard refuses its code from now on (recorded in the audit log)."""
+    if not reason.strip():
+        raise FedsiteError("a revocation needs a reason the researcher will see: pass --reason '...'")
+    prefix = request_id.replace("-", "").lower()
+    registry = ApprovalRegistry(site.path)
+    matches = [a for a in registry.all() if a.request_id.startswith(prefix)] if len(prefix) >= 6 else []
+    if len(matches) != 1:
+        raise FedsiteError(f"{len(matches)} live approvals match {request_id!r}: give at least 6 digits of one "
+                           "approved request id (`fedsite admin audit` lists them)")
+    approval = matches[0]
+    registry.revoke(approval.code_hash, reason=reason, admin=admin)
+    AuditLog(site.path).record(RequestDenied(request_id=approval.request_id, code_hash=approval.code_hash,
+                                             researcher=approval.researcher, dataset=approval.dataset, admin=admin,
+                                             reason=f"approval revoked: {reason}"))
+    return approval

@@ -206,6 +206,16 @@ def cmd_deny(args: argparse.Namespace) -> None:
           f"they see the reason: {args.reason}")
 
 
+def cmd_revoke(args: argparse.Namespace) -> None:
+    from datasites.review_queue import revoke_approval
+    from datasites.sitedir import SiteDir
+
+    site = SiteDir(args.data_dir)
+    approval = revoke_approval(site, args.request_id, reason=args.reason, admin=site.meta().admin_email)
+    print(f"revoked the approval of request {approval.request_id[:SHORT_ID]} (run "
+          f"{approval.plan.get('run_id', '?')}) from {approval.researcher}: its code no longer runs here")
+
+
 # ---- auditing (reads the data dir; the site need not run) ---------------------------------------
 
 # The fields of an audit event worth a column, in print order; hashes and ids are shortened.
@@ -420,6 +430,10 @@ def _add_review_commands(admin_command: AdminCommand) -> None:
     deny = admin_command("deny", cmd_deny, "deny a request; the researcher sees the reason")
     deny.add_argument("request_id", help=request_id)
     deny.add_argument("--reason", required=True, help="what the researcher is told")
+    revoke = admin_command("revoke", cmd_revoke, "stop an approved request: its code no longer runs here",
+                           logs_in=False)
+    revoke.add_argument("request_id", help=request_id)
+    revoke.add_argument("--reason", required=True, help="why (recorded in the audit log)")
 
 
 def _add_audit_commands(admin_command: AdminCommand) -> None:

@@ -327,3 +327,21 @@ def test_an_unknown_request_id_is_refused(site: SiteDir, capsys: pytest.CaptureF
 
     assert_one_line_error(code, err, "no request 'fedcba98' on this site: list them with `fedsite admin requests`")
 
+
+
+def test_revoke_stops_an_approved_request_and_is_audited(site: SiteDir, capsys: pytest.CaptureFixture[str]) -> None:
+    from policies.approvals import Approval, ApprovalRegistry
+
+    registry = ApprovalRegistry(site.path)
+    registry.record(Approval(request_id="ab" * 16, code_hash="c" * 64, researcher="rita@uni.org", dataset="imdb",
+                             plan={"run_id": "run-0123456789ab"}, calibrated={}, admin="admin@x.org",
+                             approved_at="2026-11-26T00:00:00+00:00"))
+
+    code, out, _ = run(capsys, "admin", "revoke", "ababab", "--reason", "plan changed", "--data-dir", str(site.path))
+
+    assert code == 0
+    assert "revoked the approval of request abababababab (run run-0123456789ab)" in out
+    assert registry.find("c" * 64, researcher="rita@uni.org") is None
+    assert [e.kind for e in AuditLog(site.path).events()] == ["request_denied"]
+    code, _, err = run(capsys, "admin", "revoke", "ababab", "--reason", "again", "--data-dir", str(site.path))
+    assert_one_line_error(code, err, "0 live approvals match 'ababab'")
