@@ -145,6 +145,18 @@ def test_syft_approval_alone_does_not_let_code_run(site: InProcessSite, research
     assert any(e.kind == "execution_refused" for e in AuditLog(site.site.path).events())
 
 
+def _approve_in_syft_and_fedsite(site: InProcessSite, function: str) -> None:
+    """Approve a (non-canonical) test function in syft and record it as `fedsite admin approve` would."""
+    admin = site.login(email=site.meta.admin_email, password=ADMIN_PASSWORD)
+    with quiet():
+        request = next(r for r in admin.requests if r.code.service_func_name == function)
+        request.approve()
+        raw_code = request.code.raw_code
+    ApprovalRegistry(site.site.path).record(Approval(
+        request_id=str(request.id.no_dash), code_hash=code_hash(raw_code), researcher=RESEARCHER, dataset="imdb",
+        plan={}, calibrated={}, admin=site.meta.admin_email, approved_at="2026-11-26T00:00:00+00:00"))
+
+
 def test_a_failing_approved_function_leaks_no_traceback_to_the_researcher(site: InProcessSite, researcher: Any) -> None:
     import syft as sy
 
@@ -154,15 +166,9 @@ def test_a_failing_approved_function_leaks_no_traceback_to_the_researcher(site: 
     def explode(data):  # type: ignore[no-untyped-def]
         raise ValueError("PRIVATE:" + data["text"].iloc[0][:40])
 
-    admin = site.login(email=site.meta.admin_email, password=ADMIN_PASSWORD)
     with quiet():
         researcher.code.request_code_execution(explode)
-        request = next(r for r in admin.requests if r.code.service_func_name == "explode")
-        request.approve()
-        raw_code = request.code.raw_code
-    ApprovalRegistry(site.site.path).record(Approval(
-        request_id=str(request.id.no_dash), code_hash=code_hash(raw_code), researcher=RESEARCHER, dataset="imdb",
-        plan={}, calibrated={}, admin=site.meta.admin_email, approved_at="2026-11-26T00:00:00+00:00"))
+    _approve_in_syft_and_fedsite(site, "explode")
 
     message = _call(researcher, "explode", asset)
 
@@ -239,14 +245,7 @@ def test_per_call_inputs_do_not_accumulate_in_blob_storage(site: InProcessSite, 
             input_policy=sy.MixedInputPolicy(client=researcher, data=asset, stage=str, message=dict),
             output_policy=OutputPolicyExecuteCount(limit=100))(payload_size)
         researcher.code.request_code_execution(function)
-    admin = site.login(email=site.meta.admin_email, password=ADMIN_PASSWORD)
-    with quiet():
-        request = next(r for r in admin.requests if r.code.service_func_name == "payload_size")
-        request.approve()
-        raw_code = request.code.raw_code
-    ApprovalRegistry(site.site.path).record(Approval(
-        request_id=str(request.id.no_dash), code_hash=code_hash(raw_code), researcher=RESEARCHER, dataset="imdb",
-        plan={}, calibrated={}, admin=site.meta.admin_email, approved_at="2026-11-26T00:00:00+00:00"))
+    _approve_in_syft_and_fedsite(site, "payload_size")
     blob_dir = site.site.syft_dir / "blob"
     big = "x" * 3_000_000  # a global model's worth: syft stores it as a blob file
 
