@@ -59,7 +59,7 @@ class FederatedTrainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._check_same_plan(plan)
         self.model, self.tokenizer = build_from_spec(plan["model"])
-        self.vector, self.layout = flatten_trainable(self.model)
+        _, self.layout = flatten_trainable(self.model)
         test = load_test_subset(settings.imdb_source, settings.test_size, settings.test_seed)
         self.test_texts, self.test_labels = test["text"].tolist(), test["label"].tolist()
         self.report = RunReport(run_id=self.plan.run_id)
