@@ -8,7 +8,9 @@ Three schemes, all deterministic for a given seed:
   means each site sees mostly one label.
 * ``quantity-skew``: site sizes drawn from Dirichlet(alpha), labels IID within each site.
 
-Every index appears in exactly one site (checked before returning). Shuffling uses numpy's
+Every site gets at least a minimum number of rows (default min(10, n / 2N)): quantity skew hands
+the minimum out first, label skew tops small sites up from the largest. Every index appears in
+exactly one site (checked before returning). Shuffling uses numpy's
 PCG64: partitioning is not a secret, so a statistical generator is right here.
 """
 
@@ -21,7 +23,6 @@ import numpy as np
 from datasites.errors import FedsiteError
 
 SCHEMES = ("iid", "label-skew", "quantity-skew")
-MAX_DRAWS = 200  # Dirichlet redraws before giving up on the minimum site size
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ def partition_indices(
 ) -> list[np.ndarray]:
     """Row indices of each site, in a shuffled order; disjoint and together complete."""
     n = len(labels)
-    _check_arguments(n, n_sites=n_sites, scheme=scheme, alpha=alpha)
+    _check_arguments(n, n_sites=n_sites, scheme=scheme, alpha=alpha, min_size=min_size)
     floor = min_size if min_size is not None else max(1, min(10, n // (2 * n_sites)))
     rng = np.random.default_rng(seed)
     if scheme == "iid":
@@ -61,13 +62,15 @@ def partition_indices(
     return [np.asarray(part, dtype=np.int64) for part in parts]
 
 
-def _check_arguments(n: int, *, n_sites: int, scheme: str, alpha: float) -> None:
+def _check_arguments(n: int, *, n_sites: int, scheme: str, alpha: float, min_size: int | None) -> None:
     if scheme not in SCHEMES:
         raise FedsiteError(f"unknown partition scheme {scheme!r}: use one of {', '.join(SCHEMES)}")
     if isinstance(n_sites, bool) or not isinstance(n_sites, int) or n_sites < 1:
         raise FedsiteError(f"--sites must be a positive integer, got {n_sites!r}")
     if n_sites > n:
         raise FedsiteError(f"--sites {n_sites} is larger than the data ({n} rows): use at most {n} sites")
+    if min_size is not None and min_size * n_sites > n:
+        raise FedsiteError(f"cannot give each of {n_sites} sites {min_size} rows from {n}: lower --sites")
     if not alpha > 0:
         raise FedsiteError(f"--alpha must be > 0, got {alpha}: try 0.5 (skewed) to 100 (near IID)")
 
@@ -75,36 +78,36 @@ def _check_arguments(n: int, *, n_sites: int, scheme: str, alpha: float) -> None
 def _label_skew(
     labels: np.ndarray, n_sites: int, alpha: float, floor: int, rng: np.random.Generator
 ) -> list[np.ndarray]:
-    classes = np.unique(labels)
-    by_class = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
-    for _ in range(MAX_DRAWS):
-        pieces: list[list[np.ndarray]] = [[] for _ in range(n_sites)]
-        for indices in by_class:
-            shares = rng.dirichlet(np.full(n_sites, alpha))
-            cuts = (np.cumsum(shares)[:-1] * len(indices)).astype(int)
-            for site, chunk in enumerate(np.split(indices, cuts)):
-                pieces[site].append(chunk)
-        parts = [rng.permutation(np.concatenate(p)) for p in pieces]
-        if min(len(p) for p in parts) >= floor:
-            return parts
-    raise FedsiteError(
-        f"label-skew with alpha={alpha} left a site with fewer than {floor} rows in {MAX_DRAWS} draws: "
-        "raise --alpha or lower --sites"
-    )
+    """Per label, split its rows across sites by Dirichlet(alpha) shares."""
+    pieces: list[list[np.ndarray]] = [[] for _ in range(n_sites)]
+    for c in np.unique(labels):
+        indices = rng.permutation(np.flatnonzero(labels == c))
+        shares = rng.dirichlet(np.full(n_sites, alpha))
+        cuts = (np.cumsum(shares)[:-1] * len(indices)).astype(int)
+        for site, chunk in enumerate(np.split(indices, cuts)):
+            pieces[site].append(chunk)
+    return _top_up([rng.permutation(np.concatenate(p)) for p in pieces], floor, rng)
 
 
 def _quantity_skew(n: int, n_sites: int, alpha: float, floor: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Site sizes: ``floor`` each, the rest split by Dirichlet(alpha) shares; rows IID."""
     order = rng.permutation(n)
-    for _ in range(MAX_DRAWS):
-        shares = rng.dirichlet(np.full(n_sites, alpha))
-        cuts = (np.cumsum(shares)[:-1] * n).astype(int)
-        parts = np.split(order, cuts)
-        if min(len(p) for p in parts) >= floor:
-            return parts
-    raise FedsiteError(
-        f"quantity-skew with alpha={alpha} left a site with fewer than {floor} rows in {MAX_DRAWS} draws: "
-        "raise --alpha or lower --sites"
-    )
+    shares = rng.dirichlet(np.full(n_sites, alpha))
+    extra = np.floor(shares * (n - floor * n_sites)).astype(int)
+    extra[: (n - floor * n_sites) - int(extra.sum())] += 1  # hand out the rounding remainder
+    return np.split(order, np.cumsum(floor + extra)[:-1])
+
+
+def _top_up(parts: list[np.ndarray], floor: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Move random rows from the largest sites to any site below ``floor`` (keeps the skew elsewhere)."""
+    parts = list(parts)
+    for site in range(len(parts)):
+        while len(parts[site]) < floor:
+            donor = int(np.argmax([len(p) for p in parts]))
+            take = min(floor - len(parts[site]), len(parts[donor]) - floor)
+            moved, parts[donor] = parts[donor][:take], parts[donor][take:]
+            parts[site] = rng.permutation(np.concatenate([parts[site], moved]))
+    return parts
 
 
 def _check_disjoint_and_complete(parts: list[np.ndarray], n: int) -> None:

@@ -90,8 +90,16 @@ def test_bad_arguments_are_refused(kwargs: dict, message: str) -> None:
 
 
 def test_impossible_minimum_size_names_the_fix() -> None:
-    with pytest.raises(FedsiteError, match=r"raise --alpha or lower --sites"):
-        partition_indices(_labels(100), n_sites=10, scheme="quantity-skew", alpha=0.01, min_size=10, seed=0)
+    with pytest.raises(FedsiteError, match=r"cannot give each of 10 sites 11 rows from 100: lower --sites"):
+        partition_indices(_labels(100), n_sites=10, scheme="quantity-skew", alpha=0.01, min_size=11, seed=0)
+
+
+@pytest.mark.parametrize("scheme", ["label-skew", "quantity-skew"])
+def test_every_site_gets_the_minimum_even_when_very_skewed(scheme: str) -> None:
+    parts = partition_indices(_labels(176), n_sites=8, scheme=scheme, alpha=0.05, min_size=10, seed=3)
+
+    assert min(len(p) for p in parts) >= 10
+    assert sum(len(p) for p in parts) == 176
 
 
 def test_stats_table_lists_each_site_and_the_total() -> None:
