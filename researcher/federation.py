@@ -11,6 +11,7 @@ reason. The sum of the survivors' clipped DP updates is averaged into the global
 from __future__ import annotations
 
 import importlib.util
+import re
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -39,6 +40,9 @@ from policies.submission import dry_run, function_name, render_round_function
 from policies.syft_client import quiet
 
 ASSET = "reviews"
+# How datasites.guard words a refusal ("site-a: refused: code ... has no Fedsite approval ..."); a
+# connection failure ("Connection refused") does not match, so a dead site still counts as dropped.
+_GUARD_REFUSAL = re.compile(r"[a-z0-9][a-z0-9-]*: refused: .*")
 
 
 class SiteRefusedError(RuntimeError):
@@ -177,15 +181,25 @@ class FederatedRound:
         self.drop_reasons: dict[str, str] = {}
         self.epsilon_spent: dict[str, float] = {}
         self.times = StageTimes()
+        # Each site's asset pointer, looked up once per round: syft 0.9.5 refetches the whole API on
+        # every `client.datasets[...]`, which made each stage call cost seconds of the researcher's CPU.
+        self._assets: dict[str, Any] = {}
+
+    def _asset(self, site: SiteHandle) -> Any:
+        if site.name not in self._assets:
+            self._assets[site.name] = site.asset()
+        return self._assets[site.name]
 
     def _call(self, site: SiteHandle, stage: str, extra: Mapping[str, Any]) -> dict[str, Any] | None:
         """One stage at one site: its reply, None if it did not answer; raises on a refusal."""
         message = {"round": self.round_index, "attempt": self.attempt, **extra}
         try:
             with quiet():
-                result = getattr(site.client.code, self.function)(data=site.asset(), stage=stage, message=message)
+                result = getattr(site.client.code, self.function)(data=self._asset(site), stage=stage, message=message)
             reply = result.get() if hasattr(result, "get") and not isinstance(result, dict) else result
         except Exception as exc:  # noqa: BLE001 - a site that cannot answer drops out of the session
+            if _GUARD_REFUSAL.search(str(exc)):  # the site's execution guard said no: not a dropout
+                raise SiteRefusedError(_GUARD_REFUSAL.search(str(exc)).group(0)) from None  # type: ignore[union-attr]
             self._dropped(site.name, f"{type(exc).__name__}: {exc}")
             return None
         if not isinstance(reply, dict):
