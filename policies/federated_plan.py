@@ -7,6 +7,7 @@ every execution. Both sides use this one parser, so they cannot disagree about a
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -45,12 +46,14 @@ class ModelSpec:
     tiny: Mapping[str, int] | None  # keyword arguments of researcher.models.tiny_bert_config (tests)
     trainable: Mapping[str, Any]  # keyword arguments of researcher.models.TrainableSet
     seed: int  # seeds every weight that is not loaded (tiny models, new heads), identical at every site
+    pooling: str = "mean"  # what the classifier reads: "mean" (masked mean of the last layer) or "cls"
+    centre: tuple[float, ...] | None = None  # subtracted from the mean-pooled embedding (researcher.models)
 
     @staticmethod
     def parse(raw: object) -> ModelSpec:
         if not isinstance(raw, Mapping):
             raise FederatedPlanError("plan['model'] must be a mapping with name, tiny and trainable")
-        unknown = set(raw) - {"name", "tiny", "trainable", "seed"}
+        unknown = set(raw) - {"name", "tiny", "trainable", "seed", "pooling", "centre"}
         if unknown:
             raise FederatedPlanError(f"plan['model'] has unknown fields {sorted(unknown)}")
         name, tiny = raw.get("name"), raw.get("tiny")
@@ -67,7 +70,19 @@ class ModelSpec:
         seed = raw.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise FederatedPlanError(f"plan['model']['seed'] must be an int, got {seed!r}")
-        return ModelSpec(name=name, tiny=tiny, trainable=trainable, seed=seed)
+        pooling = raw.get("pooling", "mean")
+        if pooling not in ("mean", "cls"):
+            raise FederatedPlanError(f"plan['model']['pooling'] must be 'mean' or 'cls', got {pooling!r}")
+        centre = raw.get("centre")
+        if centre is not None:
+            if pooling != "mean":
+                raise FederatedPlanError("plan['model']['centre'] applies to pooling 'mean' only: drop it")
+            if (not isinstance(centre, list) or not 1 <= len(centre) <= 8192
+                    or not all(isinstance(v, float) and math.isfinite(v) for v in centre)):
+                raise FederatedPlanError("plan['model']['centre'] must be a list of 1 to 8192 finite floats "
+                                         "(researcher.models.public_centre makes one)")
+            centre = tuple(centre)
+        return ModelSpec(name=name, tiny=tiny, trainable=trainable, seed=seed, pooling=pooling, centre=centre)
 
 
 @dataclass(frozen=True)

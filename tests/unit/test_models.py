@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from researcher.models import (
     ModelConfigError,
     TrainableSet,
     build_model,
     default_model_path,
+    public_centre,
+    set_centre,
     tiny_bert_config,
+    tiny_tokenizer,
     trainable_parameter_count,
+    with_public_centre,
 )
 
 pytestmark = pytest.mark.unit
@@ -28,14 +33,14 @@ def test_full_trains_every_parameter_including_embeddings() -> None:
 
 
 def test_top_k_trains_last_layers_pooler_and_classifier() -> None:
-    model = build_model(config=tiny_bert_config(layers=3), trainable=TrainableSet(kind="top_k", top_k=1))
+    model = build_model(config=tiny_bert_config(layers=3), trainable=TrainableSet(kind="top_k", top_k=1), pooling="cls")
     prefixes = {name.split(".")[0] if name.startswith("classifier") else ".".join(name.split(".")[:4]) for name in _trainable_names(model)}
     assert prefixes == {"bert.encoder.layer.2", "bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier"}
 
 
 def test_lora_trains_adapters_and_head_only() -> None:
     # Prepare / Execute
-    model = build_model(config=tiny_bert_config(), trainable=TrainableSet(kind="lora", lora_rank=4))
+    model = build_model(config=tiny_bert_config(), trainable=TrainableSet(kind="lora", lora_rank=4), pooling="cls")
 
     # Assert: 2 layers x (query, value) x (A: 4x32, B: 32x4) + head (pooler 32x32+32, classifier 2x32+2)
     names = _trainable_names(model)
@@ -46,7 +51,7 @@ def test_lora_trains_adapters_and_head_only() -> None:
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"kind": "prefix"}, r"kind must be one of \('full', 'top_k', 'lora'\), got 'prefix'"),
+        ({"kind": "prefix"}, r"kind must be one of \('full', 'top_k', 'lora', 'head'\), got 'prefix'"),
         ({"top_k": 0}, r"top_k must be an int >= 1, got 0"),
         ({"lora_rank": -1}, r"lora_rank must be an int >= 1, got -1"),
         ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\), got 1.0"),
@@ -72,3 +77,71 @@ def test_default_model_loads_offline_from_the_package() -> None:
     assert (default_model_path() / "model.safetensors").is_file()
     assert model.config.num_hidden_layers == 6 and model.config.hidden_size == 384
     assert sum(p.numel() for p in model.parameters()) > 22_000_000
+
+
+def test_mean_pooling_is_the_default_and_trains_adapters_and_classifier_only() -> None:
+    model = build_model(config=tiny_bert_config(), trainable=TrainableSet(kind="lora", lora_rank=4))
+
+    names = _trainable_names(model)
+    assert not any("pooler" in n for n in (name for name, _ in model.named_parameters()))
+    assert trainable_parameter_count(model) == 8 * 128 + (2 * 32 + 2)
+    assert {n for n in names if "lora_" not in n} == {
+        "base_model.model.classifier.modules_to_save.default.weight",
+        "base_model.model.classifier.modules_to_save.default.bias",
+    }
+
+
+def test_mean_pooling_reads_the_masked_mean_and_ignores_padding() -> None:
+    torch.manual_seed(0)
+    model = build_model(config=tiny_bert_config(vocab_size=40), trainable=TrainableSet(kind="full")).eval()
+    input_ids = torch.tensor([[2, 7, 9, 11, 3]])
+    padded_ids = torch.tensor([[2, 7, 9, 11, 3, 0, 0, 0]])
+    mask, padded_mask = torch.ones_like(input_ids), torch.tensor([[1, 1, 1, 1, 1, 0, 0, 0]])
+
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=mask).logits
+        padded = model(input_ids=padded_ids, attention_mask=padded_mask).logits
+        hidden = model.bert(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        expected = model.classifier(hidden.mean(dim=1))
+
+    assert torch.allclose(logits, expected, atol=1e-6)
+    assert torch.allclose(padded, logits, atol=1e-5)
+
+
+def test_unknown_pooling_is_refused_with_the_choices() -> None:
+    with pytest.raises(ModelConfigError, match=r"pooling must be one of \('mean', 'cls'\), got 'max'"):
+        build_model(config=tiny_bert_config(), pooling="max")
+
+
+def test_head_trains_the_classifier_alone() -> None:
+    model = build_model(config=tiny_bert_config(), trainable=TrainableSet(kind="head"))
+
+    assert _trainable_names(model) == {"classifier.weight", "classifier.bias"}
+
+
+def test_a_public_centre_makes_the_pooled_embeddings_of_those_texts_zero_mean(tmp_path) -> None:
+    tokenizer = tiny_tokenizer(tmp_path, words=("good", "bad", "film"))
+    spec = {"name": None, "tiny": {"vocab_size": len(tokenizer), "hidden_size": 32, "layers": 2, "heads": 2,
+                                   "max_length": 64}, "trainable": {"kind": "lora", "lora_rank": 4}, "seed": 3}
+    texts = ["good film", "bad film", "a good good film", "the film is bad", "film"]
+    model = build_model(config=tiny_bert_config(vocab_size=len(tokenizer)), trainable=TrainableSet(kind="lora"))
+
+    centre = public_centre(model, tokenizer, texts)
+    set_centre(model, centre)
+
+    head = model.base_model.model
+    encoded = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        pooled = head.pool(head.bert(**encoded).last_hidden_state, encoded["attention_mask"]) - head.centre
+    assert len(centre) == 32 and max(abs(v) for v in centre) > 1e-3
+    assert pooled.mean(dim=0).abs().max() < 1e-5
+    assert with_public_centre({**spec, "pooling": "cls"}, texts) == {**spec, "pooling": "cls"}
+
+
+def test_a_centre_of_the_wrong_size_or_for_a_cls_model_is_refused() -> None:
+    model = build_model(config=tiny_bert_config(), trainable=TrainableSet(kind="full"))
+    with pytest.raises(ModelConfigError, match="the centre has 3 values, the model's hidden size is 32"):
+        set_centre(model, [0.0, 0.0, 0.0])
+    cls_model = build_model(config=tiny_bert_config(), trainable=TrainableSet(kind="full"), pooling="cls")
+    with pytest.raises(ModelConfigError, match="pooling='mean'"):
+        public_centre(cls_model, None, ["text"])

@@ -90,6 +90,12 @@ def test_a_renamed_function_is_not_canonical() -> None:
         ({"roster": [["site-a", _key()]]}, r"invalid plan: a roster needs a tuple of at least 2 sites"),
         ({"model": {"name": "x", "tiny": {"hidden_size": 4}, "trainable": {"kind": "lora"}}},
          r"exactly one of 'name'"),
+        ({"model": {"name": "x", "trainable": {"kind": "lora"}, "pooling": "max"}},
+         r"plan\['model'\]\['pooling'\] must be 'mean' or 'cls', got 'max'"),
+        ({"model": {"name": "x", "trainable": {"kind": "lora"}, "centre": [0.1, float("nan")]}},
+         r"plan\['model'\]\['centre'\] must be a list of 1 to 8192 finite floats"),
+        ({"model": {"name": "x", "trainable": {"kind": "lora"}, "pooling": "cls", "centre": [0.1]}},
+         r"applies to pooling 'mean' only"),
     ],
 )
 def test_bad_plans_name_the_field(change: dict[str, Any], message: str) -> None:
