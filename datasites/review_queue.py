@@ -142,7 +142,8 @@ def review_request(client: Any, site: SiteDir, request_id: str, *, with_dry_run:
     except (SubmissionError, FederatedPlanError) as exc:
         problems.append(str(exc))
     meta = site.meta()
-    asset_id = _asset_action_id(client, plan.dataset) if plan else None
+    asset = _asset(client, plan.dataset) if plan else None  # one lookup: syft re-fetches its API for each
+    asset_id = str(asset.action_id.no_dash) if asset is not None else None
     problems += _policy_problems(code, asset_id)
     if plan is not None:
         problems += _roster_problems(plan, site)
@@ -154,15 +155,17 @@ def review_request(client: Any, site: SiteDir, request_id: str, *, with_dry_run:
             calibrated = calibrate_plan(plan.dp, n_records=int(facts["n_records"]), ledger=ledger)
         except (UnknownDatasetError, BudgetExceededError, DPPlanError) as exc:
             problems.append(f"privacy: {exc}")
-        if with_dry_run and not problems:
-            dry = _dry_run(client, site, raw, summary, plan, calibrated, problems)
+        if with_dry_run and not problems and asset is not None:
+            with quiet():
+                mock = asset.mock
+            dry = _dry_run(mock, site, raw, summary, plan, calibrated, problems)
     return ReviewReport(summary, raw, static, plan, calibrated, budget, spent, dry, tuple(problems))
 
 
-def _asset_action_id(client: Any, dataset: str) -> str | None:
+def _asset(client: Any, dataset: str) -> Any | None:
     with quiet():
         try:
-            return str(client.datasets[dataset].assets[ASSET].action_id.no_dash)
+            return client.datasets[dataset].assets[ASSET]
         except (KeyError, IndexError, AttributeError):
             return None
 
@@ -179,11 +182,9 @@ def _roster_problems(plan: FederatedPlan, site: SiteDir) -> list[str]:
     return []
 
 
-def _dry_run(client: Any, site: SiteDir, raw: str, summary: RequestSummary, plan: FederatedPlan,
+def _dry_run(mock: Any, site: SiteDir, raw: str, summary: RequestSummary, plan: FederatedPlan,
              calibrated: CalibratedPlan | None, problems: list[str]) -> dict[str, Any] | None:
     """Run the exact submitted function on the mock twin, in this process, spending nothing."""
-    with quiet():
-        mock = client.datasets[plan.dataset].assets[ASSET].mock
     provisional = Approval(request_id=summary.request_id, code_hash=code_hash(raw), researcher=summary.researcher,
                            dataset=plan.dataset, plan=dict(plan.raw), calibrated=calibrated.to_dict() if calibrated else {},
                            admin="review", approved_at=datetime.now(UTC).isoformat())

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from policies.approvals import Approval
+from policies.dp import DPPlan, DPPlanError
 from policies.federated_plan import PLAN_FORMAT, FederatedPlan
 from policies.review import code_hash
 from policies.secagg import (
@@ -36,7 +37,7 @@ from policies.secagg import (
     UnmaskShares,
 )
 from policies.site_runtime import encode_vector
-from policies.submission import dry_run, function_name, render_round_function
+from policies.submission import SubmissionError, dry_run, function_name, render_round_function
 from policies.syft_client import quiet
 
 ASSET = "reviews"
@@ -61,14 +62,34 @@ class SiteHandle:
     client: Any  # the researcher's logged-in syft client
     identity_key: str  # the site's Ed25519 public key (hex), as its admin published it and you pinned it
     dataset: str = "imdb"
+    # The private asset's pointer, looked up once and kept across rounds: syft 0.9.5 refetches the whole
+    # API on every `client.datasets[...]` (seconds per call). Forgotten when the site stops answering.
+    _asset: Any = field(default=None, repr=False, compare=False)
 
     def asset(self) -> Any:
-        with quiet():
-            return self.client.datasets[self.dataset].assets[ASSET]
+        if self._asset is None:
+            with quiet():
+                self._asset = self.client.datasets[self.dataset].assets[ASSET]
+        return self._asset
+
+    def forget_asset(self) -> None:
+        self._asset = None
 
 
 def new_run_id() -> str:
     return "run-" + secrets.token_hex(6)
+
+
+def update_clip(dp: DPPlan) -> float:
+    """A per-coordinate bound on one round's update: ``learning_rate * local_steps`` (times ``clip_norm`` for SGD).
+
+    An AdamW step moves each parameter by about ``learning_rate`` at most (the ratio of the bias-corrected
+    moments stays near 1 in magnitude); an SGD step by ``learning_rate`` times the clipped mean gradient,
+    whose coordinates are at most ``clip_norm``, plus noise. Clamping is post-processing of the DP output,
+    so a tight range costs no privacy; it only keeps quantisation fine (24 bits over ``[-clip, clip]``).
+    """
+    per_step = dp.learning_rate if dp.optimizer == "adamw" else dp.learning_rate * dp.clip_norm
+    return float(per_step * dp.local_steps)
 
 
 def make_plan(
@@ -78,12 +99,22 @@ def make_plan(
     dp: Mapping[str, Any],
     vector_length: int,
     threshold: int | None = None,
-    clip: float = 0.05,
+    clip: float | None = None,
     quantisation_bits: int = 24,
     dataset: str = "imdb",
     run_id: str | None = None,
 ) -> dict[str, Any]:
-    """A plan (JSON) for ``sites``, validated by the same parser the sites use."""
+    """A plan (JSON) for ``sites``, validated by the same parser the sites use.
+
+    ``clip`` is the secure sum's per-coordinate range for one site's update; by default the most one
+    round of local steps can move a parameter (``update_clip``), so the clamp rarely bites.
+    """
+    if clip is None:
+        try:
+            clip = update_clip(DPPlan.from_dict(dict(dp)))
+        except DPPlanError:
+            clip = 1.0  # a placeholder: FederatedPlan.parse below refuses the plan and names the bad field
+
     raw = {
         "format": PLAN_FORMAT,
         "run_id": run_id or new_run_id(),
@@ -119,6 +150,18 @@ def submit(site: SiteHandle, plan: Mapping[str, Any], directory: Path) -> None:
     from syft.service.policy.policy import OutputPolicyExecuteCount
 
     function = load_round_function(plan, directory)
+    name = function_name(str(plan["run_id"]))
+    source = render_round_function(plan)
+    with quiet():
+        earlier = site.client.api.services.code.get_by_service_func_name(name)
+    if isinstance(earlier, list) and earlier:
+        if all(code_hash(str(code.raw_code)) == code_hash(source) for code in earlier):
+            return  # this exact request is already at the site: submitting is idempotent
+        raise SubmissionError(
+            f"{site.name} already has a request for run {plan['run_id']} with different code or plan; syft calls "
+            "a function by name, so one run_id must mean one function: make a new plan (make_plan draws a "
+            "fresh run_id) and submit that"
+        )
     asset = site.asset()
     with quiet():
         syft_function = sy.syft_function(
@@ -181,25 +224,18 @@ class FederatedRound:
         self.drop_reasons: dict[str, str] = {}
         self.epsilon_spent: dict[str, float] = {}
         self.times = StageTimes()
-        # Each site's asset pointer, looked up once per round: syft 0.9.5 refetches the whole API on
-        # every `client.datasets[...]`, which made each stage call cost seconds of the researcher's CPU.
-        self._assets: dict[str, Any] = {}
-
-    def _asset(self, site: SiteHandle) -> Any:
-        if site.name not in self._assets:
-            self._assets[site.name] = site.asset()
-        return self._assets[site.name]
 
     def _call(self, site: SiteHandle, stage: str, extra: Mapping[str, Any]) -> dict[str, Any] | None:
         """One stage at one site: its reply, None if it did not answer; raises on a refusal."""
         message = {"round": self.round_index, "attempt": self.attempt, **extra}
         try:
             with quiet():
-                result = getattr(site.client.code, self.function)(data=self._asset(site), stage=stage, message=message)
+                result = getattr(site.client.code, self.function)(data=site.asset(), stage=stage, message=message)
             reply = result.get() if hasattr(result, "get") and not isinstance(result, dict) else result
         except Exception as exc:  # noqa: BLE001 - a site that cannot answer drops out of the session
             if _GUARD_REFUSAL.search(str(exc)):  # the site's execution guard said no: not a dropout
                 raise SiteRefusedError(_GUARD_REFUSAL.search(str(exc)).group(0)) from None  # type: ignore[union-attr]
+            site.forget_asset()  # a restarted site is looked up afresh next time
             self._dropped(site.name, f"{type(exc).__name__}: {exc}")
             return None
         if not isinstance(reply, dict):

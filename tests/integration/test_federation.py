@@ -14,7 +14,7 @@ import pytest
 from datasites.admin import add_researcher, upload_partition
 from datasites.errors import FedsiteError
 from datasites.partition import partition_indices
-from datasites.review_queue import approve_request, list_requests, review_request
+from datasites.review_queue import approve_request, deny_request, list_requests, review_request
 from datasites.server import InProcessSite, launch_in_process
 from policies.audit import AuditLog
 from policies.budget import BudgetBook, PrivacyBudget
@@ -22,6 +22,7 @@ from policies.federated_plan import FederatedPlan
 from policies.ledger import PrivacyLedger
 from policies.secagg import AdvertiseKeys, MaskedInput, ShareKeys, SignedSurvivors
 from policies.site_runtime import encode_vector
+from policies.submission import SubmissionError
 from researcher.fedavg import flatten_trainable
 from researcher.federation import (
     FederatedRound,
@@ -230,3 +231,18 @@ def test_budget_lowered_after_approval_stops_the_next_round(federation: Federati
 
     with pytest.raises(SiteRefusedError, match=rf"site-b: budget exhausted: epsilon would be \d+\.\d\d > {lowered:g}$"):
         run_round(federation.handles, FederatedPlan.parse(raw), 0, federation.vector)
+
+
+def test_a_run_id_names_exactly_one_function_at_a_site(federation: Federation) -> None:
+    admin, handle = federation.admins["site-c"], federation.handles[2]
+    raw = federation.plan()
+    before = len(list_requests(admin))
+    submit(handle, raw, federation.workdir / "functions")
+    submit(handle, raw, federation.workdir / "functions")  # the same request again is not a second request
+    assert len(list_requests(admin)) == before + 1
+
+    changed = {**raw, "dp": {**raw["dp"], "learning_rate": 0.5}}
+    with pytest.raises(SubmissionError, match=rf"site-c already has a request for run {raw['run_id']} .* new plan"):
+        submit(handle, changed, federation.workdir / "functions")
+    assert len(list_requests(admin)) == before + 1
+    deny_request(admin, federation.sites["site-c"].site, federation.pending("site-c"), reason="test", admin="x")

@@ -6,9 +6,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from policies.federated_plan import FederatedPlan
-from researcher.federation import FederatedRound, SiteHandle, SiteRefusedError
+from researcher.federation import FederatedRound, SiteHandle, SiteRefusedError, make_plan
 from tests.unit.test_submission import make_raw_plan
 
 pytestmark = pytest.mark.unit
@@ -21,10 +22,9 @@ def _round_with(failure: Exception) -> tuple[FederatedRound, SiteHandle]:
         raise failure
 
     client = SimpleNamespace(code=SimpleNamespace(fedsite_run_0123456789ab=call))
-    site = SiteHandle(name="site-a", client=client, identity_key=plan.roster.entries[0].identity_key.hex())
-    round_ = FederatedRound([site], plan, 0, 0)
-    round_._assets["site-a"] = object()
-    return round_, site
+    site = SiteHandle(name="site-a", client=client, identity_key=plan.roster.entries[0].identity_key.hex(),
+                      _asset=object())
+    return FederatedRound([site], plan, 0, 0), site
 
 
 def test_a_guard_refusal_stops_the_run_with_the_sites_reason() -> None:
@@ -41,3 +41,39 @@ def test_a_site_that_cannot_be_reached_drops_out() -> None:
     assert round_._call(site, "advertise_keys", {}) is None
     assert round_.dropped == ["site-a"]
     assert "Connection refused" in round_.drop_reasons["site-a"]
+    assert site._asset is None  # looked up afresh when the site is back
+
+
+def test_the_asset_is_looked_up_once_across_calls() -> None:
+    lookups = []
+
+    class Datasets:
+        def __getitem__(self, name: str) -> Any:
+            lookups.append(name)
+            return SimpleNamespace(assets={"reviews": f"pointer-{len(lookups)}"})
+
+    site = SiteHandle(name="site-a", client=SimpleNamespace(datasets=Datasets()), identity_key="00")
+
+    assert [site.asset(), site.asset()] == ["pointer-1", "pointer-1"] and lookups == ["imdb"]
+    site.forget_asset()
+    assert site.asset() == "pointer-2"
+
+
+@pytest.mark.parametrize(
+    ("dp", "clip"),
+    [
+        ({"optimizer": "adamw", "learning_rate": 5e-3, "local_steps": 16}, 0.08),
+        ({"optimizer": "sgd", "learning_rate": 0.1, "local_steps": 4, "clip_norm": 0.5}, 0.2),
+    ],
+)
+def test_the_secure_sum_range_defaults_to_what_one_round_can_move_a_parameter(dp: dict[str, Any], clip: float) -> None:
+    base = {"clip_norm": 1.0, "delta": 1e-5, "expected_batch_size": 8, "rounds": 2, "target_epsilon": 3.0}
+    sites = [SiteHandle(name=f"site-{c}", client=None, identity_key=Ed25519PrivateKey.generate().public_key()
+                        .public_bytes_raw().hex()) for c in "ab"]
+
+    plan = make_plan(sites=sites, model={"name": "m", "trainable": {"kind": "lora"}}, dp={**base, **dp},
+                     vector_length=10)
+
+    assert plan["secure_sum"]["clip"] == pytest.approx(clip)
+    assert make_plan(sites=sites, model={"name": "m", "trainable": {"kind": "lora"}}, dp={**base, **dp},
+                     vector_length=10, clip=0.5)["secure_sum"]["clip"] == 0.5
