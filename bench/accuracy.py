@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from policies.accounting import calibrate_noise_multiplier, epsilon_of
 from policies.dp import CalibratedPlan, DPPlan, _trim_padding, encode_texts, train_dp_sgd
-from researcher.models import TrainableSet, build_model, load_tokenizer
+from researcher.models import TrainableSet, build_model, load_tokenizer, public_centre, set_centre
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "imdb"
 
@@ -54,7 +54,13 @@ def _load(path: Path, size: int, seed: int) -> tuple[list[str], list[int]]:
 
 def _model(args: argparse.Namespace, device: torch.device) -> nn.Module:
     torch.manual_seed(args.seed)
-    return build_model(args.model, trainable=TrainableSet(kind=args.trainable, top_k=args.top_k)).to(device)
+    trainable = TrainableSet(kind=args.trainable, top_k=args.top_k, lora_rank=args.lora_rank,
+                             lora_alpha=2 * args.lora_rank, lora_targets=tuple(args.lora_targets))
+    model = build_model(args.model, trainable=trainable, pooling=args.pooling)
+    if args.pooling == "mean":  # centred on public test reviews other than the evaluated ones
+        reference = pd.read_parquet(args.data / "test.parquet", columns=["text"]).sample(n=256, random_state=args.seed + 1)
+        set_centre(model, public_centre(model, load_tokenizer(args.model), reference["text"].tolist(), max_length=args.seq_len))
+    return model.to(device)
 
 
 def _autocast(args: argparse.Namespace, device: torch.device):  # type: ignore[no-untyped-def]
@@ -172,8 +178,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epsilons", type=lambda s: [float(x) for x in s.split(",")], default=[math.inf, 1.0, 3.0, 8.0])
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--clip-norm", type=float, default=1.0)
-    parser.add_argument("--trainable", choices=["full", "top_k", "lora"], default="lora")
+    parser.add_argument("--trainable", choices=["full", "top_k", "lora", "head"], default="lora")
     parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--lora-targets", type=lambda s: s.split(","), default=["query", "value"])
+    parser.add_argument("--pooling", choices=["mean", "cls"], default="mean")
     parser.add_argument("--mode", choices=["ghost", "hooks"], default="hooks")
     parser.add_argument("--lr", type=float, default=5e-4, help="non-private AdamW learning rate")
     parser.add_argument("--dp-lr", type=float, default=2e-3, help="DP AdamW learning rate")
@@ -195,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     print(
-        f"# accuracy: {args.model or 'all-MiniLM-L6-v2'}, trainable={args.trainable}, mode={args.mode}, {args.dtype}, "
+        f"# accuracy: {args.model or 'all-MiniLM-L6-v2'}, trainable={args.trainable}, pooling={args.pooling}, mode={args.mode}, {args.dtype}, "
         f"train {args.train_size} / test {args.test_size}, seq {args.seq_len}, batch {args.batch}, "
         f"{args.epochs:g} epoch(s), clip {args.clip_norm}, lr {args.lr} (DP {args.dp_lr}), on {device_name}",
         flush=True,

@@ -10,8 +10,10 @@ Round-time breakdown (seconds per round, mean over rounds): dispatch+transfer = 
 wall time minus what the sites spent training and masking; training and masking as the slowest
 site reported them; unmasking = the Unmask stage plus the aggregator's reconstruction.
 
-The setup of the Flower reference measured on this machine (3 clients x 1,000 reviews, MiniLM full
-fine-tuning, seq 128, batch 16, 1 local epoch, 3 rounds):
+The setup of the Flower reference measured on this machine (3 clients x 1,000 reviews, seq 128,
+1 local epoch, 3 rounds; Flower's clients fine-tuned MiniLM in full at batch 16, which is what the
+"no DP" cell runs here too; the DP cells run the default DP recipe: LoRA on query/value + the head on
+mean-pooled tokens, Poisson batch 64, AdamW):
 
     python bench/federated.py --flower-setup --epsilons 8,inf --schemes iid
 
@@ -40,17 +42,19 @@ from datasites.admin import add_researcher, upload_partition  # noqa: E402
 from datasites.data import load_imdb  # noqa: E402
 from datasites.partition import partition_indices  # noqa: E402
 from datasites.review_queue import approve_request, list_requests  # noqa: E402
-from datasites.server import launch_in_process  # noqa: E402
+from fedsite.demo import SITE_NAMES, http_sites, in_process_sites  # noqa: E402
 from policies.budget import PrivacyBudget  # noqa: E402
 from policies.dp import encode_texts  # noqa: E402
 from researcher.evaluation import evaluate, load_test_subset  # noqa: E402
 from researcher.fedavg import apply_flat_delta, flatten_trainable  # noqa: E402
 from researcher.federation import SiteHandle, make_plan, submit  # noqa: E402
-from researcher.models import build_from_spec  # noqa: E402
+from researcher.models import build_from_spec, with_public_centre  # noqa: E402
 from researcher.trainer import FederatedTrainer, TrainerSettings  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "imdb"
-SITES = ("site-a", "site-b", "site-c")
+SITES = SITE_NAMES
+CENTRE_REVIEWS = 256
+DP_LR = 1e-2  # AdamW step of the default DP recipe (LoRA + head on mean pooling, batch 64)
 
 
 @dataclass(frozen=True)
@@ -63,13 +67,26 @@ class Cell:
 
 
 def model_spec(args: argparse.Namespace) -> dict[str, Any]:
-    trainable: dict[str, Any] = {"kind": args.trainable}
-    if args.trainable == "lora":
-        trainable["lora_rank"] = args.lora_rank
+    return _spec(args, args.trainable)
+
+
+def non_private_spec(args: argparse.Namespace) -> dict[str, Any]:
+    return _spec(args, args.np_trainable or args.trainable)
+
+
+def _spec(args: argparse.Namespace, kind: str) -> dict[str, Any]:
+    trainable: dict[str, Any] = {"kind": kind}
+    if kind == "lora":
+        trainable.update(lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank)
     if args.tiny:
         return {"name": None, "tiny": {"hidden_size": 32, "layers": 2, "heads": 2, "max_length": args.seq_len},
-                "trainable": trainable, "seed": 0}
-    return {"name": args.model, "trainable": trainable, "seed": 0}
+                "trainable": trainable, "seed": 0, "pooling": args.pooling}
+    return {"name": args.model, "trainable": trainable, "seed": 0, "pooling": args.pooling}
+
+
+def public_reviews(args: argparse.Namespace) -> list[str]:
+    """Public test reviews (not the evaluated ones' seed) whose mean embedding centres mean pooling."""
+    return load_test_subset(args.data, CENTRE_REVIEWS, seed=args.seed + 1)["text"].tolist()
 
 
 def local_steps(args: argparse.Namespace) -> int:
@@ -97,22 +114,23 @@ def breakdown(seconds: list[dict[str, float]]) -> dict[str, float]:
 
 
 def dp_cell(args: argparse.Namespace, scheme: str, epsilon: float, work: Path) -> Cell:
-    """One real federated run through syft datasites and the secure sum."""
+    """One real federated run through syft datasites (in-process, or ``fedsite serve`` processes) and the secure sum."""
     started = time.perf_counter()
-    admin_password, researcher_password = secrets.token_urlsafe(18), secrets.token_urlsafe(18)
-    running, handles = [], []
-    try:
-        for name, rows in zip(SITES, partitions(args, scheme), strict=True):
-            site = launch_in_process(work / name, admin_password=admin_password, name=name)
-            running.append(site)
-            admin = site.login(email=site.meta.admin_email, password=admin_password)
-            upload_partition(admin, site.site, dataset="imdb", reviews=rows,
+    passwords = {name: secrets.token_urlsafe(18) for name in SITES}
+    researcher_password = secrets.token_urlsafe(18)
+    sites_context = http_sites if args.http else in_process_sites
+    with sites_context(work, passwords) as raw_sites:
+        handles, admins = [], []
+        for (name, (site_dir, admin_login, researcher_login)), rows in zip(raw_sites.items(), partitions(args, scheme),
+                                                                           strict=True):
+            admin = admin_login()
+            upload_partition(admin, site_dir, dataset="imdb", reviews=rows,
                              budget=PrivacyBudget(epsilon=epsilon, delta=args.delta))
             add_researcher(admin, name="Bench", email="bench@fedsite.org", password=researcher_password)
-            handles.append(SiteHandle(name=name, client=site.login(email="bench@fedsite.org",
-                                                                   password=researcher_password),
-                                      identity_key=site.site.identity_public_hex()))
-        spec = model_spec(args)
+            admins.append((admin, site_dir))
+            handles.append(SiteHandle(name=name, client=researcher_login("bench@fedsite.org", researcher_password),
+                                      identity_key=site_dir.identity_public_hex()))
+        spec = with_public_centre(model_spec(args), public_reviews(args), max_length=args.seq_len)
         vector_length = len(flatten_trainable(build_from_spec(spec)[0])[0])
         dp = {"clip_norm": args.clip, "delta": args.delta, "expected_batch_size": args.batch,
               "local_steps": local_steps(args), "rounds": args.rounds, "target_epsilon": epsilon,
@@ -120,16 +138,12 @@ def dp_cell(args: argparse.Namespace, scheme: str, epsilon: float, work: Path) -
         plan = make_plan(sites=handles, model=spec, dp=dp, vector_length=vector_length, clip=args.update_clip)
         for handle in handles:
             submit(handle, plan, work / "functions")
-        for site in running:
-            admin = site.login(email=site.meta.admin_email, password=admin_password)
+        for admin, site_dir in admins:
             request = next(r.request_id for r in list_requests(admin) if r.status == "pending")
-            approve_request(admin, site.site, request, admin=site.meta.admin_email)
+            approve_request(admin, site_dir, request, admin=site_dir.meta().admin_email)
         trainer = FederatedTrainer(handles, plan, TrainerSettings(run_dir=work / "run", imdb_source=str(args.data),
                                                                   test_size=args.test_size, progress=False))
         report = trainer.run()
-    finally:
-        for site in running:
-            site.stop()
     return Cell(scheme, epsilon, report.rounds[-1].accuracy, time.perf_counter() - started,
                 breakdown([dict(r.seconds) for r in report.rounds]))
 
@@ -137,7 +151,7 @@ def dp_cell(args: argparse.Namespace, scheme: str, epsilon: float, work: Path) -
 def non_private_cell(args: argparse.Namespace, scheme: str) -> Cell:
     """FedAvg of plain local AdamW training on the same partitions (no syft, no noise)."""
     started = time.perf_counter()
-    spec = model_spec(args)
+    spec = with_public_centre(non_private_spec(args), public_reviews(args), max_length=args.seq_len)
     model, tokenizer = build_from_spec(spec)
     vector, layout = flatten_trainable(model)
     parts = partitions(args, scheme)
@@ -157,7 +171,7 @@ def non_private_cell(args: argparse.Namespace, scheme: str) -> Cell:
 
 def train_locally(model: torch.nn.Module, tokenizer: Any, rows: Any, args: argparse.Namespace) -> None:
     data = encode_texts(tokenizer, rows["text"].tolist(), rows["label"].tolist(), max_length=args.seq_len)
-    loader = torch.utils.data.DataLoader(data, batch_size=args.batch, shuffle=True,
+    loader = torch.utils.data.DataLoader(data, batch_size=args.np_batch or args.batch, shuffle=True,
                                          generator=torch.Generator().manual_seed(args.seed))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     model.train()
@@ -184,7 +198,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with train.parquet and test.parquet")
     parser.add_argument("--model", default="all-MiniLM-L6-v2")
     parser.add_argument("--tiny", action="store_true", help="a tiny random BERT instead of the model")
-    parser.add_argument("--trainable", choices=["full", "top_k", "lora"], default="lora")
+    parser.add_argument("--trainable", choices=["full", "top_k", "lora", "head"], default="lora")
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--reviews-per-site", type=int, default=1000)
     parser.add_argument("--seq-len", type=int, default=128)
@@ -197,21 +211,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha of label-skew")
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--clip", type=float, default=1.0, help="per-sample gradient clip")
-    parser.add_argument("--update-clip", type=float, default=0.05, help="secure-sum clip range per coordinate")
-    parser.add_argument("--lr", type=float, default=5e-4, help="non-private AdamW learning rate")
-    parser.add_argument("--dp-lr", type=float, default=5e-3, help="DP AdamW learning rate")
+    parser.add_argument("--update-clip", type=float, default=None,
+                        help="secure-sum clip range per coordinate (default: DP learning rate x local steps)")
+    parser.add_argument("--pooling", choices=["mean", "cls"], default="mean")
+    parser.add_argument("--np-trainable", choices=["full", "top_k", "lora", "head"], default=None,
+                        help="trainable set of the no-DP cell (default: --trainable)")
+    parser.add_argument("--np-batch", type=int, default=None, help="batch of the no-DP cell (default: --batch)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="no-DP AdamW learning rate (default 5e-4 for LoRA, 5e-5 for full fine-tuning)")
+    parser.add_argument("--dp-lr", type=float, default=DP_LR, help="DP AdamW learning rate")
     parser.add_argument("--test-size", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--flower-setup", action="store_true",
-                        help="3 x 1,000 reviews, MiniLM full fine-tuning, seq 128, batch 16, 1 local epoch, 3 rounds")
+                        help="3 x 1,000 reviews, seq 128, 1 local epoch, 3 rounds; no-DP cell: full fine-tuning, batch 16")
     parser.add_argument("--quick", action="store_true", help="tiny model, 120 reviews per site, 2 rounds, epsilon 8")
+    parser.add_argument("--http", action="store_true", help="the sites as `fedsite serve` processes over loopback HTTP")
+    given = sys.argv[1:] if argv is None else argv
+    # The presets are defaults: a flag given next to them (e.g. --local-epochs 0.1) still wins.
+    if "--flower-setup" in given:
+        parser.set_defaults(reviews_per_site=1000, seq_len=128, local_epochs=1.0, rounds=3, np_trainable="full",
+                            np_batch=16)
+    if "--quick" in given:
+        parser.set_defaults(tiny=True, reviews_per_site=120, rounds=2, seq_len=64, batch=32, epsilons=[8.0, math.inf],
+                            schemes=["iid"], test_size=100, update_clip=0.5)
     args = parser.parse_args(argv)
-    if args.flower_setup:
-        args.reviews_per_site, args.trainable, args.seq_len, args.batch = 1000, "full", 128, 16
-        args.physical_batch, args.local_epochs, args.rounds = 16, 1.0, 3
-    if args.quick:
-        args.tiny, args.reviews_per_site, args.rounds, args.seq_len, args.batch = True, 120, 2, 64, 32
-        args.epsilons, args.schemes, args.test_size, args.update_clip = [8.0, math.inf], ["iid"], 100, 0.5
+    if args.lr is None:
+        args.lr = 5e-5 if (args.np_trainable or args.trainable) == "full" else 5e-4
     return args
 
 

@@ -10,6 +10,7 @@ and the audit trail never lag behind syft.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -59,7 +60,10 @@ class ReviewReport:
                  "--- code " + "-" * 60, self.code.rstrip(), "-" * 69, "", self.code_review.render_text(), ""]
         if self.plan is not None:
             dp = self.plan.dp
-            lines += [f"plan {self.plan.run_id}: dataset {self.plan.dataset}, model {dict(self.plan.model.__dict__)}",
+            model = dict(self.plan.model.__dict__)
+            if model.get("centre") is not None:  # a fixed input shift, not worth 384 numbers on screen
+                model["centre"] = f"<{len(model['centre'])} values, norm {math.hypot(*model['centre']):.3f}>"
+            lines += [f"plan {self.plan.run_id}: dataset {self.plan.dataset}, model {model}",
                       f"  {dp.rounds} rounds x {dp.local_steps} local steps, batch {dp.expected_batch_size}, "
                       f"clip {dp.clip_norm}, target epsilon {dp.target_epsilon}, delta {dp.delta:g}",
                       f"  secure sum over {', '.join(self.plan.roster.site_ids)} (threshold "
