@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import secrets
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -157,6 +158,11 @@ def run_demo(args: argparse.Namespace) -> None:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.set_verbosity_error()  # the "newly initialised classifier" report, once per model build
+    transformers_logging.disable_progress_bar()  # "Loading weights" at every model build
+    # Known, harmless library notices that would otherwise repeat at every site and round: Opacus's hooks
+    # on a frozen embedding layer, and a transformers deprecation inside peft.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     size = QUICK if args.quick else DEFAULT
     if args.rounds is not None:
         size = DemoSize(size.reviews_per_site, size.model, {**size.dp, "rounds": args.rounds}, size.test_size)
