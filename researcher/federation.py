@@ -146,10 +146,6 @@ def load_round_function(plan: Mapping[str, Any], directory: Path) -> Callable[..
 
 def submit(site: SiteHandle, plan: Mapping[str, Any], directory: Path) -> None:
     """Request execution of the round function at ``site``, bound to its private asset."""
-    import syft as sy
-    from syft.service.policy.policy import OutputPolicyExecuteCount
-
-    function = load_round_function(plan, directory)
     name = function_name(str(plan["run_id"]))
     source = render_round_function(plan)
     with quiet():
@@ -162,6 +158,19 @@ def submit(site: SiteHandle, plan: Mapping[str, Any], directory: Path) -> None:
             "a function by name, so one run_id must mean one function: make a new plan (make_plan draws a "
             "fresh run_id) and submit that"
         )
+    request_execution(site, plan, directory)
+
+
+def request_execution(site: SiteHandle, plan: Mapping[str, Any], directory: Path) -> None:
+    """Send syft's code request for ``plan`` at ``site`` without ``submit``'s check for an earlier one.
+
+    The sites never rely on that check (a researcher can skip it): their guard refuses any code that
+    lacks Fedsite's approval, which is what the end-to-end attack suite shows with this call.
+    """
+    import syft as sy
+    from syft.service.policy.policy import OutputPolicyExecuteCount
+
+    function = load_round_function(plan, directory)
     asset = site.asset()
     with quiet():
         syft_function = sy.syft_function(

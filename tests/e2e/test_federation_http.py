@@ -34,7 +34,15 @@ from policies.site_runtime import encode_vector
 from policies.submission import function_name
 from policies.syft_client import login, quiet
 from researcher.fedavg import flatten_trainable
-from researcher.federation import FederatedRound, SiteHandle, SiteRefusedError, make_plan, run_round, submit
+from researcher.federation import (
+    FederatedRound,
+    SiteHandle,
+    SiteRefusedError,
+    make_plan,
+    request_execution,
+    run_round,
+    submit,
+)
 from researcher.models import build_from_spec
 from researcher.report import RunReport
 from researcher.trainer import FederatedTrainer, TrainerSettings
@@ -73,9 +81,15 @@ class HttpFederation:
         return make_plan(sites=list(self.handles.values()), model=SPEC, dp=dp, vector_length=self.vector_length,
                          clip=0.5, **overrides)
 
-    def submit(self, name: str, plan: dict[str, Any], handle: SiteHandle | None = None) -> str:
-        """Submit ``plan`` at one site; return the id of the new pending request."""
-        submit(handle or self.handles[name], plan, self.root / "functions")
+    def submit(self, name: str, plan: dict[str, Any], handle: SiteHandle | None = None,
+               check_earlier: bool = True) -> str:
+        """Submit ``plan`` at one site; return the id of the new pending request.
+
+        ``check_earlier=False`` skips the researcher-side check for an earlier request under the same
+        run_id, as an attacker with their own client would.
+        """
+        send = submit if check_earlier else request_execution
+        send(handle or self.handles[name], plan, self.root / "functions")
         return self.pending(name, str(plan["run_id"]))
 
     def pending(self, name: str, run_id: str) -> str:
@@ -366,7 +380,7 @@ def test_code_changed_after_approval_is_refused_by_the_guard(federation: HttpFed
     # approves it in syft's own UI, bypassing Fedsite's review
     site = federation.site("site-a")
     changed = {**full_run.plan, "dp": {**full_run.plan["dp"], "local_steps": 64}}
-    request_id = federation.submit("site-a", changed)
+    request_id = federation.submit("site-a", changed, check_earlier=False)
     with quiet():
         request = next(r for r in federation.admins["site-a"].requests if str(r.id.no_dash) == request_id)
         request.approve()
