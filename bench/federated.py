@@ -17,7 +17,7 @@ mean-pooled tokens, Poisson batch 64, AdamW):
 
     python bench/federated.py --flower-setup --epsilons 8,inf --schemes iid
 
-``--quick`` is a tiny-model smoke run (CI runs it).
+``--quick`` is a tiny-model smoke run (tests/integration/test_bench_federated.py runs its DP cell).
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ class Cell:
     accuracy: float
     wall_s: float
     breakdown: dict[str, float]
+    per_round: tuple[float, ...] = ()
 
 
 def model_spec(args: argparse.Namespace) -> dict[str, Any]:
@@ -145,7 +146,7 @@ def dp_cell(args: argparse.Namespace, scheme: str, epsilon: float, work: Path) -
                                                                   test_size=args.test_size, progress=False))
         report = trainer.run()
     return Cell(scheme, epsilon, report.rounds[-1].accuracy, time.perf_counter() - started,
-                breakdown([dict(r.seconds) for r in report.rounds]))
+                breakdown([dict(r.seconds) for r in report.rounds]), tuple(r.accuracy for r in report.rounds))
 
 
 def non_private_cell(args: argparse.Namespace, scheme: str) -> Cell:
@@ -155,6 +156,8 @@ def non_private_cell(args: argparse.Namespace, scheme: str) -> Cell:
     model, tokenizer = build_from_spec(spec)
     vector, layout = flatten_trainable(model)
     parts = partitions(args, scheme)
+    test = load_test_subset(args.data, args.test_size, 0)
+    per_round = []
     for _ in range(args.rounds):
         deltas = []
         for rows in parts:
@@ -163,10 +166,10 @@ def non_private_cell(args: argparse.Namespace, scheme: str) -> Cell:
             train_locally(local, tokenizer, rows, args)
             deltas.append(flatten_trainable(local)[0] - vector)
         vector = (vector + np.mean(deltas, axis=0)).astype(np.float32)
-    apply_flat_delta(model, layout, vector - flatten_trainable(model)[0], scale=1.0)
-    test = load_test_subset(args.data, args.test_size, 0)
-    accuracy = evaluate(model, tokenizer, test["text"].tolist(), test["label"].tolist(), max_length=args.seq_len).accuracy
-    return Cell(scheme, math.inf, accuracy, time.perf_counter() - started, {})
+        apply_flat_delta(model, layout, vector - flatten_trainable(model)[0], scale=1.0)
+        per_round.append(evaluate(model, tokenizer, test["text"].tolist(), test["label"].tolist(),
+                                  max_length=args.seq_len).accuracy)
+    return Cell(scheme, math.inf, per_round[-1], time.perf_counter() - started, {}, tuple(per_round))
 
 
 def train_locally(model: torch.nn.Module, tokenizer: Any, rows: Any, args: argparse.Namespace) -> None:
@@ -184,12 +187,14 @@ def train_locally(model: torch.nn.Module, tokenizer: Any, rows: Any, args: argpa
 
 def table(cells: list[Cell]) -> str:
     keys = ("dispatch+transfer", "training", "masking", "unmasking", "evaluation")
-    lines = ["| scheme | per-site epsilon | test accuracy | wall s | " + " | ".join(f"{k} s/round" for k in keys) + " |",
-             "| --- | --- | ---: | ---: | " + " | ".join("---:" for _ in keys) + " |"]
+    lines = ["| scheme | per-site epsilon | test accuracy | per round | wall s | "
+             + " | ".join(f"{k} s/round" for k in keys) + " |",
+             "| --- | --- | ---: | --- | ---: | " + " | ".join("---:" for _ in keys) + " |"]
     for c in cells:
         eps = "no DP (FedAvg, no syft)" if math.isinf(c.epsilon) else f"{c.epsilon:g}"
         times = " | ".join(f"{c.breakdown[k]:.1f}" if k in c.breakdown else "-" for k in keys)
-        lines.append(f"| {c.scheme} | {eps} | {c.accuracy:.4f} | {c.wall_s:.0f} | {times} |")
+        trace = " / ".join(f"{a:.3f}" for a in c.per_round)
+        lines.append(f"| {c.scheme} | {eps} | {c.accuracy:.4f} | {trace} | {c.wall_s:.0f} | {times} |")
     return "\n".join(lines)
 
 
