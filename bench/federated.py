@@ -61,10 +61,14 @@ DP_LR = 1e-2  # AdamW step of the default DP recipe (LoRA + head on mean pooling
 class Cell:
     scheme: str
     epsilon: float
-    accuracy: float
+    per_round: tuple[float, ...]  # test accuracy after each round
     wall_s: float
     breakdown: dict[str, float]
-    per_round: tuple[float, ...] = ()
+
+    @property
+    def accuracy(self) -> float:
+        """Test accuracy of the final model."""
+        return self.per_round[-1]
 
 
 def model_spec(args: argparse.Namespace) -> dict[str, Any]:
@@ -145,8 +149,8 @@ def dp_cell(args: argparse.Namespace, scheme: str, epsilon: float, work: Path) -
         trainer = FederatedTrainer(handles, plan, TrainerSettings(run_dir=work / "run", imdb_source=str(args.data),
                                                                   test_size=args.test_size, progress=False))
         report = trainer.run()
-    return Cell(scheme, epsilon, report.rounds[-1].accuracy, time.perf_counter() - started,
-                breakdown([dict(r.seconds) for r in report.rounds]), tuple(r.accuracy for r in report.rounds))
+    return Cell(scheme, epsilon, tuple(r.accuracy for r in report.rounds), time.perf_counter() - started,
+                breakdown([dict(r.seconds) for r in report.rounds]))
 
 
 def non_private_cell(args: argparse.Namespace, scheme: str) -> Cell:
@@ -157,6 +161,7 @@ def non_private_cell(args: argparse.Namespace, scheme: str) -> Cell:
     vector, layout = flatten_trainable(model)
     parts = partitions(args, scheme)
     test = load_test_subset(args.data, args.test_size, 0)
+    texts, labels = test["text"].tolist(), test["label"].tolist()
     per_round = []
     for _ in range(args.rounds):
         deltas = []
@@ -167,9 +172,8 @@ def non_private_cell(args: argparse.Namespace, scheme: str) -> Cell:
             deltas.append(flatten_trainable(local)[0] - vector)
         vector = (vector + np.mean(deltas, axis=0)).astype(np.float32)
         apply_flat_delta(model, layout, vector - flatten_trainable(model)[0], scale=1.0)
-        per_round.append(evaluate(model, tokenizer, test["text"].tolist(), test["label"].tolist(),
-                                  max_length=args.seq_len).accuracy)
-    return Cell(scheme, math.inf, per_round[-1], time.perf_counter() - started, {}, tuple(per_round))
+        per_round.append(evaluate(model, tokenizer, texts, labels, max_length=args.seq_len).accuracy)
+    return Cell(scheme, math.inf, tuple(per_round), time.perf_counter() - started, {})
 
 
 def train_locally(model: torch.nn.Module, tokenizer: Any, rows: Any, args: argparse.Namespace) -> None:

@@ -24,7 +24,6 @@ def test_quick_benchmark_reports_accuracy_per_round_and_the_time_breakdown(capsy
     # Assert: one cell, two evaluated rounds, every stage of the breakdown measured
     (cell,) = cells
     assert (cell.scheme, cell.epsilon, len(cell.per_round)) == ("iid", 8.0, 2)
-    assert cell.accuracy == cell.per_round[-1]
     assert all(0.0 <= a <= 1.0 for a in cell.per_round)
     assert set(cell.breakdown) == {"dispatch+transfer", "training", "masking", "unmasking", "evaluation"}
     assert cell.breakdown["training"] > 0 and cell.breakdown["dispatch+transfer"] > 0
