@@ -17,6 +17,7 @@ from datasites.errors import FedsiteError
 from datasites.guard import register_site, unregister_site
 from datasites.secrets import check_password_strength
 from datasites.sitedir import SiteDir, SiteMeta, check_site_name
+from policies.submission import load_runtime
 from policies.syft_client import SiteConnectionError, prepare_syft_environment, quiet
 from policies.syft_client import login as client_login
 
@@ -196,7 +197,11 @@ def serve(
     db_url: str | None = None,
     n_consumers: int = 0,
 ) -> None:
-    """Serve the site over HTTP in this process until SIGTERM/SIGINT; then stop cleanly."""
+    """Serve the site over HTTP in this process until SIGTERM/SIGINT; then stop cleanly.
+
+    The round runtime is loaded before the port opens: the first approved call then costs what any
+    other does, instead of the imports (seconds) while the researcher and the other sites wait on it.
+    """
     check_password_strength(admin_password)
     site = open_site_dir(data_dir, name=name, admin_email=admin_email)
     if site.exists():
@@ -208,6 +213,7 @@ def serve(
         n_consumers=n_consumers,
     )
     try:
+        print(f"loaded the round runtime (torch, transformers, opacus, peft) in {load_runtime():.1f} s", flush=True)
         app = _make_app(running.worker)
         running.site.record_serving(host=host, port=port)
         import uvicorn

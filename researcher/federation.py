@@ -179,6 +179,9 @@ def request_execution(site: SiteHandle, plan: Mapping[str, Any], directory: Path
             output_policy=OutputPolicyExecuteCount(limit=1_000_000),
         )(function)
         site.client.code.request_code_execution(syft_function)
+        # The request adds the function to this user's API at the site; fetch the API now, or the first
+        # round's first call finds it missing and syft refetches the API then (seconds, mid-round).
+        site.client.refresh()
 
 
 def dry_run_on_mock(site: SiteHandle, plan: Mapping[str, Any]) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from typing import Any, cast
 
 import torch
 import transformers
+from peft import LoraConfig, TaskType, get_peft_model
 from torch import nn
 from transformers import (
     AutoModelForSequenceClassification,
@@ -306,8 +307,6 @@ def select_trainable(model: PreTrainedModel, trainable: TrainableSet) -> nn.Modu
 
 
 def _with_lora(model: PreTrainedModel, trainable: TrainableSet) -> nn.Module:
-    from peft import LoraConfig, TaskType, get_peft_model
-
     names = {name for name, _ in model.named_modules()}
     for target in trainable.lora_targets:
         if not any(name == target or name.endswith("." + target) for name in names):

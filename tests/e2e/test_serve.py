@@ -41,6 +41,8 @@ def test_two_sites_serve_at_once_and_survive_kill_9(serve_site, imdb_dir) -> Non
     site_b.start()
     site_a.wait_ready()
     site_b.wait_ready()
+    for site in (site_a, site_b):  # the round runtime is loaded before the port opens (not in the first round)
+        assert "loaded the round runtime (torch, transformers, opacus, peft) in " in site.log.read_text()
     _onboard(site_a, 0, imdb_dir)
     _onboard(site_b, 1, imdb_dir)
     assert _researcher_view(site_a) == 500

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import base64
 import copy
+import subprocess
+import sys
 from typing import Any
 
 import numpy as np
@@ -19,6 +22,7 @@ from policies.submission import (
     canonical_plan,
     function_name,
     render_round_function,
+    runtime_modules,
 )
 
 pytestmark = pytest.mark.unit
@@ -70,6 +74,19 @@ def test_anything_but_the_canonical_function_is_refused(edit: Any, message: str)
 
     with pytest.raises(SubmissionError, match=message):
         canonical_plan(source)
+
+
+def test_the_runtime_a_site_preloads_is_what_the_round_function_imports() -> None:
+    rendered = ast.parse(render_round_function(make_raw_plan()))
+    imported = tuple(node.module for node in ast.walk(rendered) if isinstance(node, ast.ImportFrom))
+    assert runtime_modules() == imported == ("policies.site_runtime", "researcher.models")
+    # In a fresh interpreter (this one has imported everything already): loading brings in the ML stack.
+    probe = ("import sys; from policies.submission import load_runtime; assert 'torch' not in sys.modules; "
+             "load_runtime(); print(sorted(m for m in ('torch', 'opacus', 'peft', 'transformers', "
+             "'policies.site_runtime', 'researcher.models') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=300)
+    assert loaded.stdout.strip() == str(sorted(["torch", "opacus", "peft", "transformers", "policies.site_runtime",
+                                                "researcher.models"]))
 
 
 def test_a_renamed_function_is_not_canonical() -> None:
