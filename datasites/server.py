@@ -17,6 +17,7 @@ from datasites.errors import FedsiteError
 from datasites.guard import register_site, unregister_site
 from datasites.secrets import check_password_strength
 from datasites.sitedir import SiteDir, SiteMeta, check_site_name
+from datasites.syft_speedups import install_syft_speedups
 from policies.submission import load_runtime
 from policies.syft_client import SiteConnectionError, prepare_syft_environment, quiet
 from policies.syft_client import login as client_login
@@ -91,6 +92,7 @@ def build_datasite(site: SiteDir, *, admin_password: str, db_url: str | None = N
             n_consumers=n_consumers,
             create_producer=n_consumers > 0,
         )
+    install_syft_speedups()
     _enforce_no_signup(worker)
     return worker
 
