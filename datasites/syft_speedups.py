@@ -6,7 +6,7 @@ id and the caller's key (``syft.types.syft_object.attach_attribute_to_syft_objec
 or a byte can never be a syft object. A site reads its private partition from blob storage several
 times in every execution of approved code (syft loads the asset to check the input policy, to split
 the private and mock twins, and to flatten the arguments), and each read's result carries the
-partition's bytes: with 1,000 reviews (1.3 MB) the walks cost ~1.2 s of CPU per call at each site,
+partition's bytes: with 1,000 reviews (0.84 MB) the walks cost ~1.2 s of CPU per call at each site,
 about half of each secure-sum stage's time over HTTP (profiled with py-spy; SYFT_NOTES.md measured
 the same walk on an 88 MB state dict).
 
