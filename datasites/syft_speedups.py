@@ -6,7 +6,7 @@ id and the caller's key (``syft.types.syft_object.attach_attribute_to_syft_objec
 or a byte can never be a syft object. A site reads its private partition from blob storage several
 times in every execution of approved code (syft loads the asset to check the input policy, to split
 the private and mock twins, and to flatten the arguments), and each read's result carries the
-partition's bytes: with 1,000 reviews (0.84 MB) the walks cost ~1.2 s of CPU per call at each site,
+partition's bytes: with 1,000 reviews (0.84 MB) the walks cost ~0.9 s of CPU per call at each site,
 about half of each secure-sum stage's time over HTTP (profiled with py-spy; SYFT_NOTES.md measured
 the same walk on an 88 MB state dict).
 
@@ -16,12 +16,10 @@ sequences, whose elements the original inspects and leaves alone.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 _TEXT_AND_BYTES = (str, bytes, bytearray, memoryview)
-_lock = threading.Lock()
 
 
 def attach_attributes(result: Any, attr_dict: dict[str, Any]) -> None:
@@ -29,41 +27,37 @@ def attach_attributes(result: Any, attr_dict: dict[str, Any]) -> None:
     from syft.types.result import Err, Ok
     from syft.types.syft_object import SyftBaseObject
 
-    if isinstance(result, _TEXT_AND_BYTES):
-        return
-    iterator: Any
-    if isinstance(result, Ok):
-        iterator = (result.ok(),)
-    elif isinstance(result, Err):
-        iterator = (result.err(),)
-    elif isinstance(result, Mapping):
-        iterator = result.values()
-    elif isinstance(result, Sequence):
-        iterator = result
-    else:
-        iterator = (result,)
-    for item in iterator:
-        if isinstance(item, SyftBaseObject):
-            for name, value in attr_dict.items():
-                setattr(item, name, value)
-            for field in type(item).model_fields:
-                attach_attributes(getattr(item, field), attr_dict)
+    def walk(value: Any) -> None:
+        if isinstance(value, _TEXT_AND_BYTES):
+            return
+        iterator: Any
+        if isinstance(value, Ok):
+            iterator = (value.ok(),)
+        elif isinstance(value, Err):
+            iterator = (value.err(),)
+        elif isinstance(value, Mapping):
+            iterator = value.values()
+        elif isinstance(value, Sequence):
+            iterator = value
+        else:
+            iterator = (value,)
+        for item in iterator:
+            if isinstance(item, SyftBaseObject):
+                for name, attribute in attr_dict.items():
+                    setattr(item, name, attribute)
+                for field in type(item).model_fields:
+                    walk(getattr(item, field))
+
+    walk(result)
 
 
 def install_syft_speedups() -> None:
-    """Make syft's service layer (and the walk's own recursion) use ``attach_attributes``; idempotent."""
+    """Make syft's service layer use ``attach_attributes`` (and any other caller of syft's walk); idempotent."""
     import syft.service.service as service_module
     import syft.types.syft_object as syft_object_module
 
-    with _lock:
-        service_module.attach_attribute_to_syft_object = attach_attributes
-        syft_object_module.attach_attribute_to_syft_object = attach_attributes
+    service_module.attach_attribute_to_syft_object = attach_attributes
+    syft_object_module.attach_attribute_to_syft_object = attach_attributes
 
 
-def syft_speedups_installed() -> bool:
-    import syft.service.service as service_module
-
-    return service_module.attach_attribute_to_syft_object is attach_attributes
-
-
-__all__ = ["attach_attributes", "install_syft_speedups", "syft_speedups_installed"]
+__all__ = ["attach_attributes", "install_syft_speedups"]

@@ -14,6 +14,7 @@ import pytest
 from datasites.admin import add_researcher, render_budgets, upload_partition
 from datasites.errors import FedsiteError
 from datasites.server import InProcessSite, launch_in_process, login, quiet
+from datasites.syft_speedups import attach_attributes
 from policies.approvals import Approval, ApprovalRegistry
 from policies.audit import AuditLog
 from policies.budget import PrivacyBudget
@@ -210,6 +211,22 @@ def test_admin_rejects_bad_researchers_and_duplicate_datasets(site: InProcessSit
 def test_a_second_process_cannot_open_a_served_data_dir(site: InProcessSite, site_dir: Path) -> None:
     with pytest.raises(FedsiteError, match=r"already served by another process"):
         launch_in_process(site_dir, admin_password=ADMIN_PASSWORD)
+
+
+def test_launching_a_site_installs_the_syft_speedups(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import syft.service.service as service_module
+    import syft.types.syft_object as syft_object_module
+
+    from tests.unit.test_syft_speedups import ORIGINAL
+
+    assert ORIGINAL.__module__ == "syft.types.syft_object"
+    monkeypatch.setattr(service_module, "attach_attribute_to_syft_object", ORIGINAL)  # undo earlier sites' install
+    monkeypatch.setattr(syft_object_module, "attach_attribute_to_syft_object", ORIGINAL)
+
+    running = launch_in_process(tmp_path, admin_password=ADMIN_PASSWORD, name="site-s")
+    running.stop()
+
+    assert service_module.attach_attribute_to_syft_object is attach_attributes
 
 
 def test_restart_keeps_datasets_users_and_budget(tmp_path: Path, private: pd.DataFrame) -> None:

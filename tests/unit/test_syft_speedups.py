@@ -9,7 +9,7 @@ import syft.types.syft_object as syft_object_module
 from syft.types.result import Ok
 from syft.types.syft_object import SYFT_OBJECT_VERSION_1, SyftObject
 
-from datasites.syft_speedups import attach_attributes, install_syft_speedups, syft_speedups_installed
+from datasites.syft_speedups import attach_attributes, install_syft_speedups
 
 pytestmark = pytest.mark.unit
 
@@ -71,11 +71,14 @@ def test_it_stamps_exactly_the_objects_syft_stamps(wrap: Any) -> None:
     assert _stamps(ours).count(("a server id", "a verify key")) >= 3  # the walk reached nested objects
 
 
-def test_building_a_datasite_installs_it_for_the_service_layer() -> None:
+def test_installing_replaces_both_bindings_of_syft_s_walk(monkeypatch: pytest.MonkeyPatch) -> None:
     import syft.service.service as service_module
+
+    monkeypatch.setattr(service_module, "attach_attribute_to_syft_object", ORIGINAL)  # as a fresh process has it
+    monkeypatch.setattr(syft_object_module, "attach_attribute_to_syft_object", ORIGINAL)
 
     install_syft_speedups()
     install_syft_speedups()  # idempotent
-    assert syft_speedups_installed()
-    assert service_module.attach_attribute_to_syft_object is attach_attributes
-    assert syft_object_module.attach_attribute_to_syft_object is attach_attributes  # the walk's own recursion
+
+    assert service_module.attach_attribute_to_syft_object is attach_attributes  # what every service call uses
+    assert syft_object_module.attach_attribute_to_syft_object is attach_attributes
