@@ -48,12 +48,14 @@ class ModelSpec:
     seed: int  # seeds every weight that is not loaded (tiny models, new heads), identical at every site
     pooling: str = "mean"  # what the classifier reads: "mean" (masked mean of the last layer) or "cls"
     centre: tuple[float, ...] | None = None  # subtracted from the mean-pooled embedding (researcher.models)
+    head_init: Mapping[str, Any] | None = None  # the classifier's initial weight and bias (researcher.models.prompt_head)
+    dropout: float | None = None  # every dropout probability of the model; None keeps the checkpoint's
 
     @staticmethod
     def parse(raw: object) -> ModelSpec:
         if not isinstance(raw, Mapping):
             raise FederatedPlanError("plan['model'] must be a mapping with name, tiny and trainable")
-        unknown = set(raw) - {"name", "tiny", "trainable", "seed", "pooling", "centre"}
+        unknown = set(raw) - {"name", "tiny", "trainable", "seed", "pooling", "centre", "head_init", "dropout"}
         if unknown:
             raise FederatedPlanError(f"plan['model'] has unknown fields {sorted(unknown)}")
         name, tiny = raw.get("name"), raw.get("tiny")
@@ -77,12 +79,40 @@ class ModelSpec:
         if centre is not None:
             if pooling != "mean":
                 raise FederatedPlanError("plan['model']['centre'] applies to pooling 'mean' only: drop it")
-            if (not isinstance(centre, list) or not 1 <= len(centre) <= 8192
-                    or not all(isinstance(v, float) and math.isfinite(v) for v in centre)):
+            if not _finite_floats(centre, most=8192):
                 raise FederatedPlanError("plan['model']['centre'] must be a list of 1 to 8192 finite floats "
                                          "(researcher.models.public_centre makes one)")
             centre = tuple(centre)
-        return ModelSpec(name=name, tiny=tiny, trainable=trainable, seed=seed, pooling=pooling, centre=centre)
+        head_init = raw.get("head_init")
+        if head_init is not None:
+            if pooling != "mean":
+                raise FederatedPlanError("plan['model']['head_init'] applies to pooling 'mean' only: drop it")
+            _check_head_init(head_init)
+        dropout = raw.get("dropout")
+        if dropout is not None and (not isinstance(dropout, float) or not 0 <= dropout < 1):
+            raise FederatedPlanError(f"plan['model']['dropout'] must be a float in [0, 1) (e.g. 0.0), got {dropout!r}")
+        return ModelSpec(name=name, tiny=tiny, trainable=trainable, seed=seed, pooling=pooling, centre=centre,
+                         head_init=head_init, dropout=dropout)
+
+
+def _finite_floats(value: object, *, most: int) -> bool:
+    return (isinstance(value, list) and 1 <= len(value) <= most
+            and all(isinstance(v, float) and math.isfinite(v) for v in value))
+
+
+def _check_head_init(head_init: object) -> None:
+    """A head_init is {"weight": labels x hidden finite floats, "bias": labels finite floats}."""
+    fix = "(researcher.models.prompt_head makes one)"
+    if not isinstance(head_init, Mapping) or set(head_init) != {"weight", "bias"}:
+        raise FederatedPlanError(f"plan['model']['head_init'] must be a mapping with 'weight' and 'bias' {fix}")
+    weight, bias = head_init["weight"], head_init["bias"]
+    if (not isinstance(weight, list) or not 2 <= len(weight) <= 64
+            or not all(_finite_floats(row, most=8192) for row in weight)
+            or len({len(row) for row in weight}) != 1):
+        raise FederatedPlanError("plan['model']['head_init']['weight'] must be 2 to 64 rows (one per label) of "
+                                 f"equally many finite floats {fix}")
+    if not _finite_floats(bias, most=64) or len(bias) != len(weight):
+        raise FederatedPlanError(f"plan['model']['head_init']['bias'] must be one finite float per weight row {fix}")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,12 @@
   Half of a MiniLM sentence embedding's norm is a direction every text shares; uncentred, the head's
   weights along it act as a bias with a ~100x larger step, and under DP noise and Adam that sways every
   prediction to one class from round to round.
+* ``head_init``: the classifier of a mean-pooling model can start as a zero-shot classifier built from
+  short descriptions of each label (``prompt_head``, ``SENTIMENT_PROMPTS``), which the researcher puts in
+  the plan like the centre. Under DP-SGD the few noisy rounds then refine a classifier that is already
+  right on ~3 reviews in 4 instead of finding one from a random start.
+* ``dropout``: the default DP recipe turns the model's dropout off (``dropout=0.0``). DP-SGD already adds
+  noise to every step, and dropout's extra variance cost ~2-3 points of accuracy in few noisy rounds.
 * ``TrainableSet``: ``full`` (every parameter, embeddings included), ``top_k`` (the last k encoder
   layers + head), ``lora`` (low-rank adapters via peft + head) or ``head`` (the classifier alone: a
   linear probe of the frozen encoder). The head is the classifier and, where
@@ -26,6 +32,7 @@ computes exactly.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -57,6 +64,13 @@ LORA_TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate
 HEAD_MODULES = ("classifier", "pooler", "pre_classifier")
 POOLINGS = ("mean", "cls")
 DEFAULT_POOLING = "mean"
+# Descriptions of IMDB's labels (0 negative, 1 positive) from which prompt_head builds a zero-shot head.
+SENTIMENT_PROMPTS = (
+    ("This is a negative review.", "This movie was terrible.", "I hated this film.", "An awful, boring movie.",
+     "negative"),
+    ("This is a positive review.", "This movie was great.", "I loved this film.", "A wonderful, excellent movie.",
+     "positive"),
+)
 
 
 class ModelConfigError(ValueError):
@@ -198,8 +212,10 @@ def tiny_tokenizer(directory: Path, *, words: tuple[str, ...] = ()) -> Any:
     vocab_file.write_text("\n".join(vocab) + "\n", encoding="utf-8")
     # BertTokenizerFast is exported lazily (transformers 5 makes it an alias of BertTokenizer), so
     # static checkers cannot see it; it is the Rust-backed WordPiece tokenizer in both 4.x and 5.x.
+    # Loaded from the folder: transformers 5 renamed the constructor's vocab_file to vocab and ignores
+    # the old name, which left a tokenizer of the five special tokens that read every word as [UNK].
     fast_tokenizer = getattr(transformers, "BertTokenizerFast")  # noqa: B009
-    return fast_tokenizer(vocab_file=str(vocab_file), do_lower_case=True)
+    return fast_tokenizer.from_pretrained(str(directory), do_lower_case=True)
 
 
 def load_tokenizer(name_or_path: str | os.PathLike[str] | None = None) -> Any:
@@ -214,14 +230,20 @@ def build_model(
     num_labels: int = 2,
     trainable: TrainableSet | None = None,
     pooling: str = DEFAULT_POOLING,
+    dropout: float | None = None,
 ) -> nn.Module:
     """A sequence-classification model with ``trainable`` selected (default: LoRA + head, mean pooling).
 
     ``config`` builds a random-initialised model instead of loading weights (tests). The default
-    model is read from the installed package, so it never needs the network.
+    model is read from the installed package, so it never needs the network. ``dropout`` sets the
+    probability of every dropout of the model (embeddings, attention, hidden states, classifier; not
+    the LoRA adapters', which ``TrainableSet.lora_dropout`` sets); None keeps the checkpoint's own.
     """
     if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
         raise ModelConfigError(f"num_labels must be an int >= 2, got {num_labels!r}")
+    if dropout is not None and (isinstance(dropout, bool) or not isinstance(dropout, int | float)
+                                or not 0 <= dropout < 1):
+        raise ModelConfigError(f"dropout must be None or in [0, 1), got {dropout!r}")
     if pooling not in POOLINGS:
         raise ModelConfigError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     model: PreTrainedModel
@@ -246,6 +268,10 @@ def build_model(
             model = AutoModelForSequenceClassification.from_pretrained(
                 resolve_model_path(name_or_path), num_labels=num_labels
             )
+    if dropout is not None:  # before LoRA wraps the model, so the adapters keep their own dropout
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):  # BERT's attention reads its probability from here too
+                module.p = float(dropout)
     return select_trainable(model, trainable or TrainableSet())
 
 
@@ -327,6 +353,26 @@ def _mean_pooling_head(model: nn.Module) -> BertMeanPoolingForSequenceClassifica
     return next((m for m in model.modules() if isinstance(m, BertMeanPoolingForSequenceClassification)), None)
 
 
+def _embed(head: BertMeanPoolingForSequenceClassification, tokenizer: Any, texts: Sequence[str], *,
+           max_length: int) -> torch.Tensor:
+    """Mean-pooled, uncentred embeddings of ``texts`` under ``head``'s encoder as it stands: float64 [n, h]."""
+    limit = min(max_length, int(head.config.max_position_embeddings))
+    was_training = head.training
+    head.eval()
+    rows = []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(texts), 64):
+                encoded = tokenizer(list(texts[start : start + 64]), truncation=True, max_length=limit,
+                                    padding=True, return_tensors="pt")
+                input_ids = encoded["input_ids"].clamp(max=head.config.vocab_size - 1)  # tiny test vocabularies
+                hidden = head.bert(input_ids=input_ids, attention_mask=encoded["attention_mask"]).last_hidden_state
+                rows.append(head.pool(hidden, encoded["attention_mask"]).double())
+    finally:
+        head.train(was_training)
+    return torch.cat(rows)
+
+
 def public_centre(model: nn.Module, tokenizer: Any, texts: Sequence[str], *, max_length: int = 128) -> list[float]:
     """The mean-pooled embedding of public ``texts`` (e.g. IMDB test reviews) under the pretrained encoder.
 
@@ -338,21 +384,8 @@ def public_centre(model: nn.Module, tokenizer: Any, texts: Sequence[str], *, max
         raise ModelConfigError("public_centre needs a mean-pooling model (pooling='mean')")
     if not texts:
         raise ModelConfigError("public_centre needs at least one text")
-    limit = min(max_length, int(head.config.max_position_embeddings))
-    was_training = head.training
-    head.eval()
-    total = torch.zeros(head.config.hidden_size, dtype=torch.float64)
-    try:
-        with torch.no_grad():
-            for start in range(0, len(texts), 64):
-                encoded = tokenizer(list(texts[start : start + 64]), truncation=True, max_length=limit,
-                                    padding=True, return_tensors="pt")
-                input_ids = encoded["input_ids"].clamp(max=head.config.vocab_size - 1)  # tiny test vocabularies
-                hidden = head.bert(input_ids=input_ids, attention_mask=encoded["attention_mask"]).last_hidden_state
-                total += head.pool(hidden, encoded["attention_mask"]).double().sum(dim=0)
-    finally:
-        head.train(was_training)
-    return [round(float(v), 6) for v in total / len(texts)]
+    centre = _embed(head, tokenizer, texts, max_length=max_length).mean(dim=0)
+    return [round(float(v), 6) for v in centre]
 
 
 def set_centre(model: nn.Module, centre: Sequence[float]) -> None:
@@ -369,8 +402,103 @@ def with_public_centre(spec: Mapping[str, Any], texts: Sequence[str], *, max_len
     """``spec`` with ``centre`` set from public ``texts`` (mean-pooling specs; others come back unchanged)."""
     if spec.get("pooling", DEFAULT_POOLING) != "mean":
         return dict(spec)
-    model, tokenizer = build_from_spec({key: value for key, value in spec.items() if key != "centre"})
-    return {**spec, "centre": public_centre(model, tokenizer, texts, max_length=max_length)}
+    return with_public_start(spec, texts, label_prompts=None, max_length=max_length)
+
+
+def prompt_head(
+    model: nn.Module,
+    tokenizer: Any,
+    label_prompts: Sequence[Sequence[str]],
+    public_texts: Sequence[str],
+    *,
+    max_length: int = 128,
+) -> dict[str, list[Any]]:
+    """A classifier head that starts as a zero-shot classifier: ``{"weight": [[...] per label], "bias": [...]}``.
+
+    Label k's row points at the mean embedding of ``label_prompts[k]`` (short descriptions of the label,
+    such as "This movie was great."), less the mean over labels, so a text scores highest for the label
+    whose descriptions it is closest to. It is scaled so that the logits of the public texts
+    (unlabelled, e.g. IMDB test reviews) have a standard deviation of 0.5 (a logit margin of ~1 for two
+    labels) and the bias makes their mean logit zero. It reads label descriptions and public text only:
+    no private data, and no review's label. Under DP-SGD the rounds start from this classifier instead
+    of a random one (all-MiniLM-L6-v2 on 1,000 IMDB test reviews: 0.74 accuracy before any training).
+    """
+    head = _mean_pooling_head(model)
+    if head is None:
+        raise ModelConfigError("prompt_head needs a mean-pooling model (pooling='mean')")
+    if not public_texts:
+        raise ModelConfigError("prompt_head needs at least one public text to scale the head")
+    _check_label_prompts(head, label_prompts)
+    public = _embed(head, tokenizer, public_texts, max_length=max_length) - head.centre.double()
+    return _prompt_rows(head, tokenizer, label_prompts, public, max_length=max_length)
+
+
+def _check_label_prompts(head: BertMeanPoolingForSequenceClassification, label_prompts: Sequence[Sequence[str]]) -> None:
+    if len(label_prompts) != head.num_labels:
+        raise ModelConfigError(f"label_prompts has {len(label_prompts)} labels, the model has {head.num_labels}: "
+                               "give one list of descriptions per label, in label order")
+    if not all(isinstance(p, Sequence) and not isinstance(p, str) and p and all(isinstance(t, str) and t for t in p)
+               for p in label_prompts):
+        raise ModelConfigError("each label's prompts must be a non-empty list of non-empty strings")
+
+
+def _prompt_rows(head: BertMeanPoolingForSequenceClassification, tokenizer: Any,
+                 label_prompts: Sequence[Sequence[str]], public: torch.Tensor, *, max_length: int) -> dict[str, list[Any]]:
+    """prompt_head's weight and bias, given the public texts' centred embeddings ``public`` [n, h]."""
+    labels = torch.stack([_embed(head, tokenizer, prompts, max_length=max_length).mean(dim=0)
+                          for prompts in label_prompts])
+    rows = labels - labels.mean(dim=0)
+    spread = float((public @ rows.T).std(dim=0, correction=0).mean())
+    if not math.isfinite(spread) or spread <= 1e-9:
+        raise ModelConfigError("the label prompts' embeddings do not separate the public texts: use other prompts")
+    weight = rows * (0.5 / spread)
+    bias = -(public @ weight.T).mean(dim=0)
+    return {"weight": [[round(float(v), 7) for v in row] for row in weight],
+            "bias": [round(float(v), 7) for v in bias]}
+
+
+def set_head(model: nn.Module, head_init: Mapping[str, Any]) -> None:
+    """Load ``prompt_head``'s weight and bias into the classifier (every copy peft keeps of it)."""
+    head = _mean_pooling_head(model)
+    if head is None:
+        raise ModelConfigError("a head_init applies to mean-pooling models only (pooling='mean')")
+    weight = torch.tensor(head_init["weight"], dtype=torch.float32)
+    bias = torch.tensor(head_init["bias"], dtype=torch.float32)
+    expected = (head.num_labels, head.config.hidden_size)
+    if tuple(weight.shape) != expected or tuple(bias.shape) != (head.num_labels,):
+        raise ModelConfigError(f"head_init has weight {tuple(weight.shape)} and bias {tuple(bias.shape)}, the "
+                               f"classifier needs {expected} and ({head.num_labels},)")
+    with torch.no_grad():
+        for linear in [m for m in head.classifier.modules() if isinstance(m, nn.Linear)]:
+            linear.weight.copy_(weight)  # the classifier itself, or peft's original and trainable copies
+            linear.bias.copy_(bias)
+
+
+def with_public_start(
+    spec: Mapping[str, Any],
+    texts: Sequence[str],
+    *,
+    label_prompts: Sequence[Sequence[str]] | None = SENTIMENT_PROMPTS,
+    max_length: int = 128,
+) -> dict[str, Any]:
+    """``spec`` with its ``centre`` from public ``texts`` and, unless ``label_prompts`` is None, a
+    ``head_init`` from ``prompt_head``: the start of the default DP recipe, in one pass over the texts."""
+    if spec.get("pooling", DEFAULT_POOLING) != "mean":
+        raise ModelConfigError("with_public_start needs a mean-pooling spec (pooling='mean')")
+    if not texts:
+        raise ModelConfigError("with_public_start needs at least one public text")
+    model, tokenizer = build_from_spec({key: value for key, value in spec.items() if key not in ("centre", "head_init")})
+    head = _mean_pooling_head(model)
+    if head is None:
+        raise ModelConfigError(f"the spec's model {spec.get('name')!r} has no mean-pooling head")
+    if label_prompts is not None:
+        _check_label_prompts(head, label_prompts)
+    public = _embed(head, tokenizer, texts, max_length=max_length)
+    centre = torch.tensor([round(float(v), 6) for v in public.mean(dim=0)], dtype=torch.float64)
+    start = {**spec, "centre": [float(v) for v in centre]}
+    if label_prompts is not None:
+        start["head_init"] = _prompt_rows(head, tokenizer, label_prompts, public - centre, max_length=max_length)
+    return start
 
 
 def trainable_parameter_count(model: nn.Module) -> int:
@@ -391,15 +519,18 @@ def build_from_spec(spec: Mapping[str, Any]) -> tuple[nn.Module, Any]:
     trainable = TrainableSet(**trainable_raw)
     tokenizer = load_tokenizer(spec.get("name"))
     pooling = str(spec.get("pooling", DEFAULT_POOLING))
+    dropout = spec.get("dropout")
     # Weights that are not loaded (a tiny model, a new head, LoRA factors) are drawn from a generator
     # seeded by the spec, so every site and the researcher start from the same frozen parameters.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(spec.get("seed", 0)))
         if spec.get("tiny") is not None:
             config = tiny_bert_config(**{"vocab_size": tokenizer.vocab_size, **dict(spec["tiny"])})
-            model = build_model(config=config, trainable=trainable, pooling=pooling)
+            model = build_model(config=config, trainable=trainable, pooling=pooling, dropout=dropout)
         else:
-            model = build_model(spec.get("name"), trainable=trainable, pooling=pooling)
+            model = build_model(spec.get("name"), trainable=trainable, pooling=pooling, dropout=dropout)
     if spec.get("centre") is not None:
         set_centre(model, spec["centre"])
+    if spec.get("head_init") is not None:
+        set_head(model, spec["head_init"])
     return model, tokenizer

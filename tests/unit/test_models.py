@@ -10,12 +10,15 @@ from researcher.models import (
     TrainableSet,
     build_model,
     default_model_path,
+    prompt_head,
     public_centre,
     set_centre,
+    set_head,
     tiny_bert_config,
     tiny_tokenizer,
     trainable_parameter_count,
     with_public_centre,
+    with_public_start,
 )
 
 pytestmark = pytest.mark.unit
@@ -145,3 +148,119 @@ def test_a_centre_of_the_wrong_size_or_for_a_cls_model_is_refused() -> None:
     cls_model = build_model(config=tiny_bert_config(), trainable=TrainableSet(kind="full"), pooling="cls")
     with pytest.raises(ModelConfigError, match="pooling='mean'"):
         public_centre(cls_model, None, ["text"])
+
+
+def _tiny_mean_model(tokenizer, *, trainable: TrainableSet):
+    return build_model(config=tiny_bert_config(vocab_size=len(tokenizer)), trainable=trainable)
+
+
+def test_a_prompt_head_scores_each_text_by_its_nearest_label_description(tmp_path) -> None:
+    tokenizer = tiny_tokenizer(tmp_path, words=("good", "bad", "film", "great", "awful"))
+    model = _tiny_mean_model(tokenizer, trainable=TrainableSet(kind="lora"))
+    public = ["good film", "bad film", "a great film", "the film is awful", "film", "good good", "bad awful"]
+    prompts = (("bad film", "awful"), ("good film", "great"))
+    set_centre(model, public_centre(model, tokenizer, public))
+
+    head_init = prompt_head(model, tokenizer, prompts, public)
+    set_head(model, head_init)
+
+    head = model.base_model.model
+    encoded = tokenizer(public, padding=True, return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        logits = model(**encoded).logits.double()
+        pooled = head.pool(head.bert(**encoded).last_hidden_state, encoded["attention_mask"]).double() - head.centre
+        label_means = []
+        for texts in prompts:
+            e = tokenizer(list(texts), padding=True, return_tensors="pt")
+            label_means.append(head.pool(head.bert(**e).last_hidden_state, e["attention_mask"]).double().mean(dim=0))
+    # The margin is a positive multiple of the distance difference's linear part: same sign as the
+    # projection on (positive mean - negative mean) of the centred embedding, shifted by the bias.
+    direction = label_means[1] - label_means[0]
+    projection = pooled @ direction
+    margin = logits[:, 1] - logits[:, 0]
+    assert torch.corrcoef(torch.stack([projection, margin]))[0, 1] > 0.999
+    assert logits.mean(dim=0).abs().max() < 1e-5  # the bias centres the public texts' logits
+    assert torch.allclose(logits.std(dim=0, correction=0).mean(), torch.tensor(0.5, dtype=torch.float64), atol=1e-5)
+    trainable = dict(model.named_parameters())["base_model.model.classifier.modules_to_save.default.weight"]
+    assert torch.equal(trainable, torch.tensor(head_init["weight"]))  # the trained copy starts there too
+
+
+def test_with_public_start_puts_the_centre_and_a_head_in_the_spec_that_every_build_loads() -> None:
+    from researcher.models import build_from_spec
+
+    spec = {"name": None, "tiny": {"hidden_size": 32, "layers": 2, "heads": 2, "max_length": 64},
+            "trainable": {"kind": "lora", "lora_rank": 4}, "seed": 3}
+    public = ["a good film", "a bad film", "the plot", "great acting", "awful acting"]
+
+    start = with_public_start(spec, public, label_prompts=(("bad",), ("good",)))
+    first, tokenizer = build_from_spec(start)
+    second, _ = build_from_spec(start)
+
+    assert start["centre"] == with_public_centre(spec, public)["centre"]
+    again = prompt_head(first, tokenizer, (("bad",), ("good",)), public)  # on the float32 centre: equal to 1e-6
+    for key in ("weight", "bias"):
+        assert torch.allclose(torch.tensor(start["head_init"][key]), torch.tensor(again[key]), atol=1e-6)
+    weight = torch.tensor(start["head_init"]["weight"])
+    assert weight.shape == (2, 32) and torch.allclose(weight[0], -weight[1])  # two labels: opposite rows
+    for model in (first, second):
+        assert torch.equal(model.base_model.model.classifier.modules_to_save["default"].weight, weight)
+    assert "head_init" not in with_public_start(spec, public, label_prompts=None)
+    with pytest.raises(ModelConfigError, match="needs a mean-pooling spec"):
+        with_public_start({**spec, "pooling": "cls"}, public)
+    with pytest.raises(ModelConfigError, match="label_prompts has 1 labels, the model has 2"):
+        with_public_start(spec, public, label_prompts=(("good",),))
+
+
+def test_bad_label_prompts_or_head_shapes_are_refused(tmp_path) -> None:
+    tokenizer = tiny_tokenizer(tmp_path)
+    model = _tiny_mean_model(tokenizer, trainable=TrainableSet(kind="head"))
+    with pytest.raises(ModelConfigError, match="label_prompts has 3 labels, the model has 2"):
+        prompt_head(model, tokenizer, (("a",), ("b",), ("c",)), ["text"])
+    with pytest.raises(ModelConfigError, match="non-empty list of non-empty strings"):
+        prompt_head(model, tokenizer, ("bad", "good"), ["text"])
+    with pytest.raises(ModelConfigError, match="at least one public text"):
+        prompt_head(model, tokenizer, (("bad",), ("good",)), [])
+    with pytest.raises(ModelConfigError, match="do not separate the public texts"):
+        prompt_head(model, tokenizer, (("same",), ("same",)), ["a text", "another text"])
+    with pytest.raises(ModelConfigError, match=r"head_init has weight \(2, 3\) and bias \(2,\), the classifier needs"):
+        set_head(model, {"weight": [[0.0] * 3, [0.0] * 3], "bias": [0.0, 0.0]})
+
+
+def test_the_tiny_tokenizer_knows_its_words_and_spells_the_rest(tmp_path) -> None:
+    tokenizer = tiny_tokenizer(tmp_path, words=("good", "film"))
+
+    ids = tokenizer(["good film", "bad"])["input_ids"]
+
+    assert len(tokenizer) == 5 + 52 + 2
+    assert ids[0] == [2, 57, 58, 3]  # [CLS] good film [SEP]
+    assert ids[1][1:-1] == tokenizer.convert_tokens_to_ids(["b", "##a", "##d"]) and 1 not in ids[1]  # no [UNK]
+
+
+def test_dropout_sets_every_dropout_of_the_model_but_not_the_adapters() -> None:
+    config = tiny_bert_config()
+    model = build_model(config=config, trainable=TrainableSet(kind="lora", lora_dropout=0.2), dropout=0.3)
+
+    probabilities = {name: module.p for name, module in model.named_modules() if isinstance(module, torch.nn.Dropout)}
+
+    adapters = {name for name in probabilities if "lora_dropout" in name}
+    assert adapters and {probabilities[name] for name in adapters} == {0.2}
+    others = set(probabilities) - adapters
+    assert any("attention.self" in name for name in others) and any(name.endswith("classifier") or
+                                                                      name.endswith(".dropout") for name in others)
+    assert {probabilities[name] for name in others} == {0.3}
+    for bad in (1.0, -0.1, True):
+        with pytest.raises(ModelConfigError, match=r"dropout must be None or in \[0, 1\)"):
+            build_model(config=tiny_bert_config(), dropout=bad)
+
+
+def test_a_spec_without_dropout_keeps_the_checkpoints_own() -> None:
+    from researcher.models import build_from_spec
+
+    spec = {"name": None, "tiny": {"hidden_size": 32, "layers": 2, "heads": 2, "max_length": 64},
+            "trainable": {"kind": "head"}, "seed": 0}
+    kept, _ = build_from_spec(spec)
+    off, _ = build_from_spec({**spec, "dropout": 0.25})
+
+    assert {m.p for m in kept.modules() if isinstance(m, torch.nn.Dropout)} == {0.0}  # tiny_bert_config's
+    assert {m.p for m in off.modules() if isinstance(m, torch.nn.Dropout)} == {0.25}

@@ -113,11 +113,39 @@ def test_a_renamed_function_is_not_canonical() -> None:
          r"plan\['model'\]\['centre'\] must be a list of 1 to 8192 finite floats"),
         ({"model": {"name": "x", "trainable": {"kind": "lora"}, "pooling": "cls", "centre": [0.1]}},
          r"applies to pooling 'mean' only"),
+        ({"model": {"name": "x", "trainable": {"kind": "lora"}, "head_init": {"weight": [[0.1], [0.2]]}}},
+         r"plan\['model'\]\['head_init'\] must be a mapping with 'weight' and 'bias'"),
+        ({"model": {"name": "x", "trainable": {"kind": "lora"},
+                    "head_init": {"weight": [[0.1, 0.2], [0.3]], "bias": [0.0, 0.0]}}},
+         r"\['weight'\] must be 2 to 64 rows \(one per label\) of equally many finite floats"),
+        ({"model": {"name": "x", "trainable": {"kind": "lora"},
+                    "head_init": {"weight": [[0.1], [float("inf")]], "bias": [0.0, 0.0]}}},
+         r"\['weight'\] must be 2 to 64 rows"),
+        ({"model": {"name": "x", "trainable": {"kind": "lora"},
+                    "head_init": {"weight": [[0.1], [0.2]], "bias": [0.0]}}},
+         r"\['bias'\] must be one finite float per weight row"),
+        ({"model": {"name": "x", "trainable": {"kind": "lora"}, "pooling": "cls",
+                    "head_init": {"weight": [[0.1], [0.2]], "bias": [0.0, 0.0]}}},
+         r"\['head_init'\] applies to pooling 'mean' only"),
+        ({"model": {"name": "x", "trainable": {"kind": "lora"}, "dropout": 1.0}},
+         r"plan\['model'\]\['dropout'\] must be a float in \[0, 1\) \(e.g. 0.0\), got 1.0"),
+        ({"model": {"name": "x", "trainable": {"kind": "lora"}, "dropout": 0}},
+         r"plan\['model'\]\['dropout'\] must be a float in \[0, 1\)"),
     ],
 )
 def test_bad_plans_name_the_field(change: dict[str, Any], message: str) -> None:
     with pytest.raises(FederatedPlanError, match=message):
         FederatedPlan.parse(make_raw_plan(**change))
+
+
+def test_a_plan_with_the_default_recipes_start_round_trips_through_the_function() -> None:
+    head_init = {"weight": [[-0.5, 0.25], [0.5, -0.25]], "bias": [0.125, -0.125]}
+    raw = make_raw_plan(model={"name": None, "tiny": {"hidden_size": 2}, "trainable": {"kind": "lora"}, "seed": 0,
+                               "centre": [0.5, -1.5], "head_init": head_init, "dropout": 0.0})
+
+    plan = FederatedPlan.parse(canonical_plan(render_round_function(raw)))
+
+    assert plan.model.centre == (0.5, -1.5) and plan.model.head_init == head_init and plan.model.dropout == 0.0
 
 
 def test_threshold_below_a_majority_is_refused() -> None:
