@@ -13,7 +13,7 @@ site reported them; unmasking = the Unmask stage plus the aggregator's reconstru
 The setup of the Flower reference measured on this machine (3 clients x 1,000 reviews, seq 128,
 1 local epoch, 3 rounds; Flower's clients fine-tuned MiniLM in full at batch 16, which is what the
 "no DP" cell runs here too; the DP cells run the default DP recipe: LoRA on query/value + the head on
-mean-pooled tokens, Poisson batch 64, AdamW):
+mean-pooled tokens, the head starting from label prompts, no dropout, Poisson batch 64, AdamW):
 
     python bench/federated.py --flower-setup --epsilons 8,inf --schemes iid
 
@@ -48,7 +48,7 @@ from policies.dp import encode_texts  # noqa: E402
 from researcher.evaluation import evaluate, load_test_subset  # noqa: E402
 from researcher.fedavg import apply_flat_delta, flatten_trainable  # noqa: E402
 from researcher.federation import SiteHandle, make_plan, submit  # noqa: E402
-from researcher.models import build_from_spec, with_public_centre  # noqa: E402
+from researcher.models import SENTIMENT_PROMPTS, build_from_spec, with_public_centre, with_public_start  # noqa: E402
 from researcher.trainer import FederatedTrainer, TrainerSettings  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "imdb"
@@ -94,6 +94,15 @@ def public_reviews(args: argparse.Namespace) -> list[str]:
     return load_test_subset(args.data, CENTRE_REVIEWS, seed=args.seed + 1)["text"].tolist()
 
 
+def dp_start(args: argparse.Namespace) -> dict[str, Any]:
+    """The DP cells' model spec: ``--dropout``; centred on public reviews; the head from label prompts (``--head``)."""
+    spec = {**model_spec(args), "dropout": args.dropout}
+    if args.pooling != "mean":
+        return spec
+    prompts = SENTIMENT_PROMPTS if args.head == "prompts" else None
+    return with_public_start(spec, public_reviews(args), label_prompts=prompts, max_length=args.seq_len)
+
+
 def local_steps(args: argparse.Namespace) -> int:
     return max(1, round(args.local_epochs * args.reviews_per_site / args.batch))
 
@@ -135,7 +144,7 @@ def dp_cell(args: argparse.Namespace, scheme: str, epsilon: float, work: Path) -
             admins.append((admin, site_dir))
             handles.append(SiteHandle(name=name, client=researcher_login("bench@fedsite.org", researcher_password),
                                       identity_key=site_dir.identity_public_hex()))
-        spec = with_public_centre(model_spec(args), public_reviews(args), max_length=args.seq_len)
+        spec = dp_start(args)
         vector_length = len(flatten_trainable(build_from_spec(spec)[0])[0])
         dp = {"clip_norm": args.clip, "delta": args.delta, "expected_batch_size": args.batch,
               "local_steps": local_steps(args), "rounds": args.rounds, "target_epsilon": epsilon,
@@ -223,6 +232,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--update-clip", type=float, default=None,
                         help="secure-sum clip range per coordinate (default: DP learning rate x local steps)")
     parser.add_argument("--pooling", choices=["mean", "cls"], default="mean")
+    parser.add_argument("--head", choices=["prompts", "random"], default="prompts",
+                        help="the DP cells' classifier starts from label prompts (zero-shot) or at random")
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="every dropout probability of the DP cells' model (the no-DP cell keeps the checkpoint's)")
     parser.add_argument("--np-trainable", choices=["full", "top_k", "lora", "head"], default=None,
                         help="trainable set of the no-DP cell (default: --trainable)")
     parser.add_argument("--np-batch", type=int, default=None, help="batch of the no-DP cell (default: --batch)")
