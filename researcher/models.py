@@ -18,7 +18,8 @@
   the plan like the centre. Under DP-SGD the few noisy rounds then refine a classifier that is already
   right on ~3 reviews in 4 instead of finding one from a random start.
 * ``dropout``: the default DP recipe turns the model's dropout off (``dropout=0.0``). DP-SGD already adds
-  noise to every step, and dropout's extra variance cost ~2-3 points of accuracy in few noisy rounds.
+  noise to every step; with dropout's variance on top, three noisy rounds ended ~2 points lower
+  (one seed each at epsilon 8: 0.783 with MiniLM's dropout of 0.1, 0.805 without; README).
 * ``TrainableSet``: ``full`` (every parameter, embeddings included), ``top_k`` (the last k encoder
   layers + head), ``lora`` (low-rank adapters via peft + head) or ``head`` (the classifier alone: a
   linear probe of the frozen encoder). The head is the classifier and, where
