@@ -385,8 +385,12 @@ def public_centre(model: nn.Module, tokenizer: Any, texts: Sequence[str], *, max
         raise ModelConfigError("public_centre needs a mean-pooling model (pooling='mean')")
     if not texts:
         raise ModelConfigError("public_centre needs at least one text")
-    centre = _embed(head, tokenizer, texts, max_length=max_length).mean(dim=0)
-    return [round(float(v), 6) for v in centre]
+    return _rounded_mean(_embed(head, tokenizer, texts, max_length=max_length))
+
+
+def _rounded_mean(embedded: torch.Tensor) -> list[float]:
+    """The centre of embeddings [n, h], to 6 decimals (it is written into the plan as JSON)."""
+    return [round(float(v), 6) for v in embedded.mean(dim=0)]
 
 
 def set_centre(model: nn.Module, centre: Sequence[float]) -> None:
@@ -495,10 +499,11 @@ def with_public_start(
     if label_prompts is not None:
         _check_label_prompts(head, label_prompts)
     public = _embed(head, tokenizer, texts, max_length=max_length)
-    centre = torch.tensor([round(float(v), 6) for v in public.mean(dim=0)], dtype=torch.float64)
-    start = {**spec, "centre": [float(v) for v in centre]}
+    centre = _rounded_mean(public)
+    start = {**spec, "centre": centre}
     if label_prompts is not None:
-        start["head_init"] = _prompt_rows(head, tokenizer, label_prompts, public - centre, max_length=max_length)
+        centred = public - torch.tensor(centre, dtype=torch.float64)
+        start["head_init"] = _prompt_rows(head, tokenizer, label_prompts, centred, max_length=max_length)
     return start
 
 

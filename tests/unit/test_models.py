@@ -197,7 +197,8 @@ def test_with_public_start_puts_the_centre_and_a_head_in_the_spec_that_every_bui
     first, tokenizer = build_from_spec(start)
     second, _ = build_from_spec(start)
 
-    assert start["centre"] == with_public_centre(spec, public)["centre"]
+    pretrained, _ = build_from_spec(spec)  # no centre, no head: the encoder the researcher starts from
+    assert start["centre"] == public_centre(pretrained, tokenizer, public)
     again = prompt_head(first, tokenizer, (("bad",), ("good",)), public)  # on the float32 centre: equal to 1e-6
     for key in ("weight", "bias"):
         assert torch.allclose(torch.tensor(start["head_init"][key]), torch.tensor(again[key]), atol=1e-6)
