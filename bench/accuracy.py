@@ -8,7 +8,9 @@ multiplier calibrated by ``policies.accounting`` (PRV) for ``epochs`` passes at 
     python bench/accuracy.py --train-size 25000 --test-size 25000 --epochs 3 --seq-len 256 --device cuda
 
 ``--epsilons inf,1,3,8``: ``inf`` is the non-private baseline (same model, trainable set, steps,
-batch and AdamW, no clipping or noise).
+batch and AdamW, no clipping or noise). The DP rows start as the federated benchmark's DP cells do:
+the classifier from label prompts (``--head prompts``) and every dropout at ``--dropout`` (0); the
+non-private row keeps a random classifier and the checkpoint's dropout, like its no-DP cell.
 """
 
 from __future__ import annotations
@@ -32,7 +34,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from policies.accounting import calibrate_noise_multiplier, epsilon_of
 from policies.dp import CalibratedPlan, DPPlan, _trim_padding, encode_texts, train_dp_sgd
-from researcher.models import TrainableSet, build_model, load_tokenizer, public_centre, set_centre
+from researcher.models import (
+    SENTIMENT_PROMPTS,
+    TrainableSet,
+    build_model,
+    load_tokenizer,
+    prompt_head,
+    public_centre,
+    set_centre,
+    set_head,
+)
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "imdb"
 
@@ -52,14 +63,18 @@ def _load(path: Path, size: int, seed: int) -> tuple[list[str], list[int]]:
     return frame["text"].astype(str).tolist(), frame["label"].astype(int).tolist()
 
 
-def _model(args: argparse.Namespace, device: torch.device) -> nn.Module:
+def _model(args: argparse.Namespace, device: torch.device, *, private: bool) -> nn.Module:
+    """The model of one row; ``private`` (a DP row) adds the DP recipe's start: ``--dropout`` and ``--head``."""
     torch.manual_seed(args.seed)
     trainable = TrainableSet(kind=args.trainable, top_k=args.top_k, lora_rank=args.lora_rank,
                              lora_alpha=2 * args.lora_rank, lora_targets=tuple(args.lora_targets))
-    model = build_model(args.model, trainable=trainable, pooling=args.pooling)
+    model = build_model(args.model, trainable=trainable, pooling=args.pooling, dropout=args.dropout if private else None)
     if args.pooling == "mean":  # centred on public test reviews other than the evaluated ones
         reference = pd.read_parquet(args.data / "test.parquet", columns=["text"]).sample(n=256, random_state=args.seed + 1)
-        set_centre(model, public_centre(model, load_tokenizer(args.model), reference["text"].tolist(), max_length=args.seq_len))
+        public, tokenizer = reference["text"].tolist(), load_tokenizer(args.model)
+        set_centre(model, public_centre(model, tokenizer, public, max_length=args.seq_len))
+        if private and args.head == "prompts":  # scaled on the same public reviews, centred
+            set_head(model, prompt_head(model, tokenizer, SENTIMENT_PROMPTS, public, max_length=args.seq_len))
     return model.to(device)
 
 
@@ -112,7 +127,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     steps = max(1, round(args.epochs / sample_rate))
     rows = []
     for epsilon in args.epsilons:
-        model = _model(args, device)
+        model = _model(args, device, private=not math.isinf(epsilon))
         start = time.perf_counter()
         if math.isinf(epsilon):
             sigma = 0.0
@@ -184,6 +199,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lora-targets", type=lambda s: s.split(","), default=["query", "value"])
     parser.add_argument("--pooling", choices=["mean", "cls"], default="mean")
     parser.add_argument("--mode", choices=["ghost", "hooks"], default="hooks")
+    parser.add_argument("--head", choices=["prompts", "random"], default="prompts",
+                        help="the DP rows' classifier starts from label prompts (zero-shot) or at random")
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="every dropout probability of the DP rows' model (the non-private row keeps the checkpoint's)")
     parser.add_argument("--lr", type=float, default=5e-4, help="non-private AdamW learning rate")
     parser.add_argument("--dp-lr", type=float, default=2e-3, help="DP AdamW learning rate")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
@@ -206,7 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"# accuracy: {args.model or 'all-MiniLM-L6-v2'}, trainable={args.trainable}, pooling={args.pooling}, mode={args.mode}, {args.dtype}, "
         f"train {args.train_size} / test {args.test_size}, seq {args.seq_len}, batch {args.batch}, "
-        f"{args.epochs:g} epoch(s), clip {args.clip_norm}, lr {args.lr} (DP {args.dp_lr}), on {device_name}",
+        f"{args.epochs:g} epoch(s), clip {args.clip_norm}, lr {args.lr} (DP {args.dp_lr}, head {args.head}, dropout "
+        f"{args.dropout:g}), on {device_name}",
         flush=True,
     )
     print(table(run(args)))

@@ -1,0 +1,54 @@
+"""bench/accuracy.py builds its DP rows' model with the DP recipe's start, and its non-private row without."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from researcher.evaluation import evaluate, load_test_subset
+
+pytestmark = [pytest.mark.unit, pytest.mark.slow]
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "accuracy.py"
+
+
+@pytest.fixture(scope="module")
+def bench(imdb_dir):
+    spec = importlib.util.spec_from_file_location("accuracy_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["accuracy_bench"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["accuracy_bench"]
+
+
+def _classifier(model: nn.Module) -> nn.Linear:
+    (linear,) = [m for name, m in model.named_modules() if name.endswith("classifier.modules_to_save.default")]
+    return linear
+
+
+def test_dp_rows_start_from_the_prompt_head_without_dropout_and_the_non_private_row_does_not(bench, imdb_dir):
+    # Prepare: the quick preset's arguments (defaults: --head prompts, --dropout 0)
+    args = bench.parse_args(["--quick", "--data", str(imdb_dir)])
+    test = load_test_subset(imdb_dir, 200, seed=0)
+
+    # Execute
+    private = bench._model(args, torch.device("cpu"), private=True)
+    non_private = bench._model(args, torch.device("cpu"), private=False)
+
+    # Assert: the DP model has no dropout; the non-private one keeps the checkpoint's 0.1
+    assert {m.p for m in private.modules() if isinstance(m, nn.Dropout)} == {0.0}
+    assert 0.1 in {m.p for m in non_private.modules() if isinstance(m, nn.Dropout)}
+    # The DP head is the two-label prompt head (opposite rows) and already classifies; the other is random
+    weight = _classifier(private).weight
+    assert torch.allclose(weight[0], -weight[1], atol=1e-6)
+    assert not torch.allclose(_classifier(non_private).weight[0], -_classifier(non_private).weight[1], atol=1e-3)
+    zero_shot = evaluate(private, bench.load_tokenizer(None), test["text"].tolist(), test["label"].tolist(), max_length=64)
+    assert zero_shot.accuracy > 0.65  # 0.74 on 1,000 reviews at 128 tokens
+    # --head random --dropout 0.1 is the earlier recipe: the DP row then starts like the non-private one
+    earlier = bench.parse_args(["--quick", "--data", str(imdb_dir), "--head", "random", "--dropout", "0.1"])
+    assert torch.equal(_classifier(bench._model(earlier, torch.device("cpu"), private=True)).weight,
+                       _classifier(non_private).weight)
