@@ -200,7 +200,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pooling", choices=["mean", "cls"], default="mean")
     parser.add_argument("--mode", choices=["ghost", "hooks"], default="hooks")
     parser.add_argument("--head", choices=["prompts", "random"], default="prompts",
-                        help="the DP rows' classifier starts from label prompts (zero-shot) or at random")
+                        help="the DP rows' classifier starts from label prompts (zero-shot; mean pooling only) or at random")
     parser.add_argument("--dropout", type=float, default=0.0,
                         help="every dropout probability of the DP rows' model (the non-private row keeps the checkpoint's)")
     parser.add_argument("--lr", type=float, default=5e-4, help="non-private AdamW learning rate")

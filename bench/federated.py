@@ -233,7 +233,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="secure-sum clip range per coordinate (default: DP learning rate x local steps)")
     parser.add_argument("--pooling", choices=["mean", "cls"], default="mean")
     parser.add_argument("--head", choices=["prompts", "random"], default="prompts",
-                        help="the DP cells' classifier starts from label prompts (zero-shot) or at random")
+                        help="the DP cells' classifier starts from label prompts (zero-shot; mean pooling only) or at random")
     parser.add_argument("--dropout", type=float, default=0.0,
                         help="every dropout probability of the DP cells' model (the no-DP cell keeps the checkpoint's)")
     parser.add_argument("--np-trainable", choices=["full", "top_k", "lora", "head"], default=None,
