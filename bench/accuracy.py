@@ -23,6 +23,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -34,16 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from policies.accounting import calibrate_noise_multiplier, epsilon_of
 from policies.dp import CalibratedPlan, DPPlan, _trim_padding, encode_texts, train_dp_sgd
-from researcher.models import (
-    SENTIMENT_PROMPTS,
-    TrainableSet,
-    build_model,
-    load_tokenizer,
-    prompt_head,
-    public_centre,
-    set_centre,
-    set_head,
-)
+from researcher.models import SENTIMENT_PROMPTS, build_from_spec, load_tokenizer, with_public_start
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "imdb"
 
@@ -63,19 +55,24 @@ def _load(path: Path, size: int, seed: int) -> tuple[list[str], list[int]]:
     return frame["text"].astype(str).tolist(), frame["label"].astype(int).tolist()
 
 
-def _model(args: argparse.Namespace, device: torch.device, *, private: bool) -> nn.Module:
-    """The model of one row; ``private`` (a DP row) adds the DP recipe's start: ``--dropout`` and ``--head``."""
+def _spec(args: argparse.Namespace, *, private: bool) -> dict[str, Any]:
+    """The model spec of the DP rows (``private``: ``--dropout`` and ``--head``) or of the non-private row."""
+    trainable = {"kind": args.trainable, "top_k": args.top_k, "lora_rank": args.lora_rank,
+                 "lora_alpha": 2 * args.lora_rank, "lora_targets": list(args.lora_targets)}
+    spec: dict[str, Any] = {"name": args.model, "trainable": trainable, "seed": args.seed, "pooling": args.pooling}
+    if private:
+        spec["dropout"] = args.dropout
+    if args.pooling != "mean":
+        return spec
+    # Centred on public test reviews other than the evaluated ones (and the head scaled on them)
+    reference = pd.read_parquet(args.data / "test.parquet", columns=["text"]).sample(n=256, random_state=args.seed + 1)
+    prompts = SENTIMENT_PROMPTS if private and args.head == "prompts" else None
+    return with_public_start(spec, reference["text"].tolist(), label_prompts=prompts, max_length=args.seq_len)
+
+
+def _model(spec: dict[str, Any], args: argparse.Namespace, device: torch.device) -> nn.Module:
     torch.manual_seed(args.seed)
-    trainable = TrainableSet(kind=args.trainable, top_k=args.top_k, lora_rank=args.lora_rank,
-                             lora_alpha=2 * args.lora_rank, lora_targets=tuple(args.lora_targets))
-    model = build_model(args.model, trainable=trainable, pooling=args.pooling, dropout=args.dropout if private else None)
-    if args.pooling == "mean":  # centred on public test reviews other than the evaluated ones
-        reference = pd.read_parquet(args.data / "test.parquet", columns=["text"]).sample(n=256, random_state=args.seed + 1)
-        public, tokenizer = reference["text"].tolist(), load_tokenizer(args.model)
-        set_centre(model, public_centre(model, tokenizer, public, max_length=args.seq_len))
-        if private and args.head == "prompts":  # scaled on the same public reviews, centred
-            set_head(model, prompt_head(model, tokenizer, SENTIMENT_PROMPTS, public, max_length=args.seq_len))
-    return model.to(device)
+    return build_from_spec(spec)[0].to(device)
 
 
 def _autocast(args: argparse.Namespace, device: torch.device):  # type: ignore[no-untyped-def]
@@ -126,8 +123,9 @@ def run(args: argparse.Namespace) -> list[Row]:
     sample_rate = args.batch / n
     steps = max(1, round(args.epochs / sample_rate))
     rows = []
+    specs = {private: _spec(args, private=private) for private in {not math.isinf(e) for e in args.epsilons}}
     for epsilon in args.epsilons:
-        model = _model(args, device, private=not math.isinf(epsilon))
+        model = _model(specs[not math.isinf(epsilon)], args, device)
         start = time.perf_counter()
         if math.isinf(epsilon):
             sigma = 0.0

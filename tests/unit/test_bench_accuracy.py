@@ -36,8 +36,8 @@ def test_dp_rows_start_from_the_prompt_head_without_dropout_and_the_non_private_
     test = load_test_subset(imdb_dir, 200, seed=0)
 
     # Execute
-    private = bench._model(args, torch.device("cpu"), private=True)
-    non_private = bench._model(args, torch.device("cpu"), private=False)
+    private = bench._model(bench._spec(args, private=True), args, torch.device("cpu"))
+    non_private = bench._model(bench._spec(args, private=False), args, torch.device("cpu"))
 
     # Assert: the DP model has no dropout; the non-private one keeps the checkpoint's 0.1
     assert {m.p for m in private.modules() if isinstance(m, nn.Dropout)} == {0.0}
@@ -50,5 +50,5 @@ def test_dp_rows_start_from_the_prompt_head_without_dropout_and_the_non_private_
     assert zero_shot.accuracy > 0.65  # 0.74 on 1,000 reviews at 128 tokens
     # --head random --dropout 0.1 is the earlier recipe: the DP row then starts like the non-private one
     earlier = bench.parse_args(["--quick", "--data", str(imdb_dir), "--head", "random", "--dropout", "0.1"])
-    assert torch.equal(_classifier(bench._model(earlier, torch.device("cpu"), private=True)).weight,
+    assert torch.equal(_classifier(bench._model(bench._spec(earlier, private=True), earlier, torch.device("cpu"))).weight,
                        _classifier(non_private).weight)
