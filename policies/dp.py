@@ -21,6 +21,7 @@ One round (``local_dp_round``):
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -102,6 +103,7 @@ class DPPlan:
     optimizer: str = "adamw"  # "adamw" or "sgd" (post-processing of the noisy gradient either way)
     max_physical_batch_size: int = 128  # memory bound on one forward/backward; >= 1
     max_length: int = 256  # tokens per text after truncation; >= 2
+    tail_tokens: int = 0  # of a longer text, keep the last tail_tokens tokens too (see tokenize); [0, max_length-2]
     accountant: str = "prv"  # "prv" (Gopi et al. 2021) or "rdp" (Mironov et al. 2019)
     clipping_mode: str = DEFAULT_CLIPPING_MODE  # "ghost" or "hooks" (see CLIPPING_MODES)
     secure_mode: bool = False  # floating-point-safe noise and unpredictable generators (see _generators)
@@ -134,6 +136,7 @@ class DPPlan:
             value = _plan_number(name, getattr(self, name), integer=True)
             if value < low:
                 raise DPPlanError(f"{name} must be >= {low}, got {value}")
+        check_tail_tokens(self.tail_tokens, self.max_length)
         if _plan_number("learning_rate", self.learning_rate) <= 0:
             raise DPPlanError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.optimizer not in OPTIMIZERS:
@@ -366,17 +369,51 @@ class BatchedEmbeddingIndices:
 # Data.
 
 
-def encode_texts(tokenizer: Any, texts: Sequence[str], labels: Sequence[int], *, max_length: int) -> TensorDataset:
-    """Tokenize to a TensorDataset of (input_ids [n, max_length], attention_mask [n, max_length], labels [n])."""
+def tokenize(tokenizer: Any, texts: Sequence[str], *, max_length: int, tail_tokens: int = 0,
+             padding: bool | str = True) -> Any:
+    """Tokenize ``texts`` to tensors of at most ``max_length`` tokens each, special tokens included.
+
+    A text that is too long keeps its first tokens and, with ``tail_tokens`` > 0, its last
+    ``tail_tokens`` ones instead of the tokens just after the first (head + tail truncation: a movie
+    review's verdict is often in its last sentences). ``tail_tokens=0`` is the tokenizer's own
+    truncation from the right. ``padding`` is the tokenizer's: True pads to the longest text,
+    "max_length" to ``max_length``.
+    """
+    check_tail_tokens(tail_tokens, max_length)
+    texts = [str(text) for text in texts]
+    if tail_tokens == 0:
+        return tokenizer(texts, truncation=True, max_length=max_length, padding=padding, return_tensors="pt")
+    encoded = tokenizer(texts, truncation=False, return_special_tokens_mask=True, verbose=False)
+    rows = []
+    for ids, special in zip(encoded["input_ids"], encoded["special_tokens_mask"], strict=True):
+        if len(ids) > max_length:
+            leading = sum(1 for _ in itertools.takewhile(bool, special))
+            tail = tail_tokens + sum(1 for _ in itertools.takewhile(bool, reversed(special)))  # with [SEP]
+            if max_length - tail < leading:
+                raise DPPlanError(f"tail_tokens={tail_tokens} leaves no room for the tokenizer's special tokens in "
+                                  f"max_length={max_length}: choose a smaller tail_tokens")
+            ids = ids[: max_length - tail] + ids[len(ids) - tail :]
+        rows.append(ids)
+    return tokenizer.pad({"input_ids": rows}, padding=padding, return_tensors="pt",
+                         max_length=max_length if padding == "max_length" else None)
+
+
+def check_tail_tokens(tail_tokens: int, max_length: int) -> None:
+    """Refuse a ``tail_tokens`` that is not an int in [0, max_length - 2]."""
+    if isinstance(tail_tokens, bool) or not isinstance(tail_tokens, int) or not 0 <= tail_tokens <= max_length - 2:
+        raise DPPlanError(f"tail_tokens must be an int in [0, max_length - 2] = [0, {max_length - 2}] (tokens kept "
+                          f"from the end of a text that is too long; 0 keeps the start only), got {tail_tokens!r}")
+
+
+def encode_texts(tokenizer: Any, texts: Sequence[str], labels: Sequence[int], *, max_length: int,
+                 tail_tokens: int = 0) -> TensorDataset:
+    """Tokenize to a TensorDataset of (input_ids [n, max_length], attention_mask [n, max_length], labels [n]).
+
+    ``tail_tokens``: head + tail truncation of long texts (see ``tokenize``).
+    """
     if len(texts) != len(labels):
         raise DPPlanError(f"texts and labels differ in length: {len(texts)} != {len(labels)}")
-    encoded = tokenizer(
-        [str(text) for text in texts],
-        truncation=True,
-        max_length=max_length,
-        padding="max_length",
-        return_tensors="pt",
-    )
+    encoded = tokenize(tokenizer, texts, max_length=max_length, tail_tokens=tail_tokens, padding="max_length")
     label_tensor = torch.tensor([int(label) for label in labels], dtype=torch.long)
     return TensorDataset(encoded["input_ids"], encoded["attention_mask"], label_tensor)
 
@@ -718,7 +755,7 @@ def local_dp_round(
     event = plan.event(run_id=run_id, round_index=round_index)
     ledger.check_spend(event)
 
-    dataset = encode_texts(tokenizer, texts, labels, max_length=plan.plan.max_length)
+    dataset = encode_texts(tokenizer, texts, labels, max_length=plan.plan.max_length, tail_tokens=plan.plan.tail_tokens)
     model.to(device)
     initial = {name: parameter.detach().clone() for name, parameter in named}
     try:

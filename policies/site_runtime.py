@@ -110,8 +110,9 @@ def dry_run(texts: list[str], labels: list[int], *, plan: FederatedPlan, make_mo
     calibrated = CalibratedPlan(plan=step_plan, n_records=n, noise_multiplier=1.0,
                                 sample_rate=step_plan.expected_batch_size / n, run_epsilon=0.0,
                                 projected_epsilon=0.0, budget_epsilon=0.0)
-    loss, _ = train_dp_sgd(model, encode_texts(tokenizer, texts[:n], labels[:n], max_length=step_plan.max_length),
-                           plan=calibrated, device=torch.device("cpu"))
+    mock = encode_texts(tokenizer, texts[:n], labels[:n], max_length=step_plan.max_length,
+                        tail_tokens=step_plan.tail_tokens)
+    loss, _ = train_dp_sgd(model, mock, plan=calibrated, device=torch.device("cpu"))
     return {"dry_run": True, "trainable_parameters": trainable, "mock_rows": n, "mock_loss": round(loss, 4),
             "seconds": round(time.perf_counter() - started, 2)}
 

@@ -20,6 +20,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from policies.dp import DPPlanError, check_tail_tokens, tokenize
+
 TEST_FILE = "test.parquet"
 IMDB_LABELS = (0, 1)  # negative, positive
 
@@ -66,15 +68,21 @@ def evaluate(
     labels: Sequence[int],
     *,
     max_length: int = 128,
+    tail_tokens: int = 0,
     batch_size: int = 64,
 ) -> Evaluation:
     """Accuracy and mean cross-entropy of ``model`` on (texts, labels), without gradients.
 
     The model runs in eval mode (no dropout) and is put back in the mode it was in, so a caller that
-    trains next does not silently train without dropout.
+    trains next does not silently train without dropout. ``tail_tokens`` truncates long texts as the
+    plan's ``dp.tail_tokens`` does in training (``policies.dp.tokenize``).
     """
     _positive_int("max_length", max_length)
     _positive_int("batch_size", batch_size)
+    try:
+        check_tail_tokens(tail_tokens, max_length)
+    except DPPlanError as exc:
+        raise EvaluationError(str(exc)) from exc
     if len(texts) == 0:
         raise EvaluationError("no texts to evaluate on: pass at least one labelled review")
     targets = _checked_labels(labels, len(texts))
@@ -87,7 +95,7 @@ def evaluate(
         with torch.no_grad():
             for start in range(0, len(texts), batch_size):
                 batch = [str(text) for text in texts[start : start + batch_size]]
-                encoded = tokenizer(batch, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+                encoded = tokenize(tokenizer, batch, max_length=max_length, tail_tokens=tail_tokens)
                 logits = model(
                     input_ids=encoded["input_ids"].to(device), attention_mask=encoded["attention_mask"].to(device)
                 ).logits.float()  # [b, num_labels]

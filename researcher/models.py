@@ -56,6 +56,8 @@ from transformers import (
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from policies.dp import DPPlanError, check_tail_tokens, tokenize
+
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 _DEFAULT_ALIASES = {DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2"}
 TRAINABLE_KINDS = ("full", "top_k", "lora", "head")
@@ -355,8 +357,12 @@ def _mean_pooling_head(model: nn.Module) -> BertMeanPoolingForSequenceClassifica
 
 
 def _embed(head: BertMeanPoolingForSequenceClassification, tokenizer: Any, texts: Sequence[str], *,
-           max_length: int) -> torch.Tensor:
+           max_length: int, tail_tokens: int = 0) -> torch.Tensor:
     """Mean-pooled, uncentred embeddings of ``texts`` under ``head``'s encoder as it stands: float64 [n, h]."""
+    try:
+        check_tail_tokens(tail_tokens, max_length)
+    except DPPlanError as exc:
+        raise ModelConfigError(str(exc)) from exc
     limit = min(max_length, int(head.config.max_position_embeddings))
     was_training = head.training
     head.eval()
@@ -364,8 +370,8 @@ def _embed(head: BertMeanPoolingForSequenceClassification, tokenizer: Any, texts
     try:
         with torch.no_grad():
             for start in range(0, len(texts), 64):
-                encoded = tokenizer(list(texts[start : start + 64]), truncation=True, max_length=limit,
-                                    padding=True, return_tensors="pt")
+                encoded = tokenize(tokenizer, texts[start : start + 64], max_length=limit,
+                                   tail_tokens=min(tail_tokens, limit - 2))  # a tiny model's positions
                 input_ids = encoded["input_ids"].clamp(max=head.config.vocab_size - 1)  # tiny test vocabularies
                 hidden = head.bert(input_ids=input_ids, attention_mask=encoded["attention_mask"]).last_hidden_state
                 rows.append(head.pool(hidden, encoded["attention_mask"]).double())
@@ -374,7 +380,8 @@ def _embed(head: BertMeanPoolingForSequenceClassification, tokenizer: Any, texts
     return torch.cat(rows)
 
 
-def public_centre(model: nn.Module, tokenizer: Any, texts: Sequence[str], *, max_length: int = 128) -> list[float]:
+def public_centre(model: nn.Module, tokenizer: Any, texts: Sequence[str], *, max_length: int = 128,
+                  tail_tokens: int = 0) -> list[float]:
     """The mean-pooled embedding of public ``texts`` (e.g. IMDB test reviews) under the pretrained encoder.
 
     Compute it on the model as built (LoRA adapters still zero) and pass it as the plan's
@@ -385,7 +392,7 @@ def public_centre(model: nn.Module, tokenizer: Any, texts: Sequence[str], *, max
         raise ModelConfigError("public_centre needs a mean-pooling model (pooling='mean')")
     if not texts:
         raise ModelConfigError("public_centre needs at least one text")
-    return _rounded_mean(_embed(head, tokenizer, texts, max_length=max_length))
+    return _rounded_mean(_embed(head, tokenizer, texts, max_length=max_length, tail_tokens=tail_tokens))
 
 
 def _rounded_mean(embedded: torch.Tensor) -> list[float]:
@@ -403,11 +410,12 @@ def set_centre(model: nn.Module, centre: Sequence[float]) -> None:
         head.centre.copy_(torch.tensor(list(centre), dtype=head.centre.dtype))
 
 
-def with_public_centre(spec: Mapping[str, Any], texts: Sequence[str], *, max_length: int = 128) -> dict[str, Any]:
+def with_public_centre(spec: Mapping[str, Any], texts: Sequence[str], *, max_length: int = 128,
+                       tail_tokens: int = 0) -> dict[str, Any]:
     """``spec`` with ``centre`` set from public ``texts`` (mean-pooling specs; others come back unchanged)."""
     if spec.get("pooling", DEFAULT_POOLING) != "mean":
         return dict(spec)
-    return with_public_start(spec, texts, label_prompts=None, max_length=max_length)
+    return with_public_start(spec, texts, label_prompts=None, max_length=max_length, tail_tokens=tail_tokens)
 
 
 def prompt_head(
@@ -417,6 +425,7 @@ def prompt_head(
     public_texts: Sequence[str],
     *,
     max_length: int = 128,
+    tail_tokens: int = 0,
 ) -> dict[str, list[Any]]:
     """A classifier head that starts as a zero-shot classifier: ``{"weight": [[...] per label], "bias": [...]}``.
 
@@ -434,7 +443,7 @@ def prompt_head(
     if not public_texts:
         raise ModelConfigError("prompt_head needs at least one public text to scale the head")
     _check_label_prompts(head, label_prompts)
-    public = _embed(head, tokenizer, public_texts, max_length=max_length) - head.centre.double()
+    public = _embed(head, tokenizer, public_texts, max_length=max_length, tail_tokens=tail_tokens) - head.centre.double()
     return _prompt_rows(head, tokenizer, label_prompts, public, max_length=max_length)
 
 
@@ -485,6 +494,7 @@ def with_public_start(
     *,
     label_prompts: Sequence[Sequence[str]] | None = SENTIMENT_PROMPTS,
     max_length: int = 128,
+    tail_tokens: int = 0,
 ) -> dict[str, Any]:
     """``spec`` with its ``centre`` from public ``texts`` and, unless ``label_prompts`` is None, a
     ``head_init`` from ``prompt_head``: the start of the default DP recipe, in one pass over the texts."""
@@ -498,7 +508,7 @@ def with_public_start(
         raise ModelConfigError(f"the spec's model {spec.get('name')!r} has no mean-pooling head")
     if label_prompts is not None:
         _check_label_prompts(head, label_prompts)
-    public = _embed(head, tokenizer, texts, max_length=max_length)
+    public = _embed(head, tokenizer, texts, max_length=max_length, tail_tokens=tail_tokens)
     centre = _rounded_mean(public)
     start = {**spec, "centre": centre}
     if label_prompts is not None:

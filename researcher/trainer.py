@@ -114,7 +114,8 @@ class FederatedTrainer:
         apply_flat_delta(self.model, self.layout, outcome.average.astype(np.float32), scale=self.settings.server_lr)
         started = time.perf_counter()
         evaluation = evaluate(self.model, self.tokenizer, self.test_texts, self.test_labels,
-                              max_length=self.plan.dp.max_length, batch_size=self.settings.eval_batch_size)
+                              max_length=self.plan.dp.max_length, tail_tokens=self.plan.dp.tail_tokens,
+                              batch_size=self.settings.eval_batch_size)
         seconds = {**outcome.times, "evaluation": round(time.perf_counter() - started, 3)}
         record = RoundRecord(round_index=round_index, accuracy=evaluation.accuracy, mean_loss=evaluation.mean_loss,
                              epsilon_spent=dict(outcome.epsilon_spent), participants=outcome.participants,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 
+import policies.dp as dp_module
 from policies.accounting import epsilon_of
 from policies.budget import BudgetBook, PrivacyBudget
 from policies.dp import (
@@ -201,3 +203,25 @@ def test_failure_mid_round_leaves_no_unaccounted_trace_in_the_model(tmp_path: Pa
         assert parameter.grad is None
         assert not hasattr(parameter, "summed_grad") and not hasattr(parameter, "grad_sample")
     assert not any(hasattr(module, "activations") for module in model.modules())
+
+
+def test_private_round_truncates_as_the_plan_says(tmp_path: Path, monkeypatch) -> None:
+    # Prepare: a plan that keeps the last 6 tokens of a long text, and a spy on the tokenization
+    model, tokenizer, ledger, plan = _setup(tmp_path)
+    plan = dataclasses.replace(plan, plan=dataclasses.replace(plan.plan, tail_tokens=6))
+    texts, labels = _partition()
+    seen: list[tuple[int, int, int]] = []
+    real = dp_module.tokenize
+
+    def spy(tokenizer, texts, *, max_length, tail_tokens=0, padding=True):
+        seen.append((len(texts), max_length, tail_tokens))
+        return real(tokenizer, texts, max_length=max_length, tail_tokens=tail_tokens, padding=padding)
+
+    monkeypatch.setattr(dp_module, "tokenize", spy)
+
+    # Execute
+    local_dp_round(model, texts, labels, tokenizer=tokenizer, plan=plan, ledger=ledger,
+                   private_fingerprint=partition_fingerprint(texts, labels), run_id="run-1", round_index=0)
+
+    # Assert
+    assert seen == [(N, 24, 6)]
