@@ -10,7 +10,9 @@ multiplier calibrated by ``policies.accounting`` (PRV) for ``epochs`` passes at 
 ``--epsilons inf,1,3,8``: ``inf`` is the non-private baseline (same model, trainable set, steps,
 batch and AdamW, no clipping or noise). The DP rows start as the federated benchmark's DP cells do:
 the classifier from label prompts (``--head prompts``) and every dropout at ``--dropout`` (0); the
-non-private row keeps a random classifier and the checkpoint's dropout, like its no-DP cell.
+non-private row keeps a random classifier and the checkpoint's dropout, like its no-DP cell. Every
+row truncates a longer review to its first and last tokens (``--tail-tokens``, default 3/4 of the
+tokens from the end), as the federated benchmark does.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from policies.accounting import calibrate_noise_multiplier, epsilon_of
-from policies.dp import CalibratedPlan, DPPlan, _trim_padding, encode_texts, train_dp_sgd
+from policies.dp import CalibratedPlan, DPPlan, _trim_padding, encode_texts, recipe_tail_tokens, train_dp_sgd
 from researcher.models import SENTIMENT_PROMPTS, build_from_spec, load_tokenizer, with_public_start
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "imdb"
@@ -67,7 +69,13 @@ def _spec(args: argparse.Namespace, *, private: bool) -> dict[str, Any]:
     # Centred on public test reviews other than the evaluated ones (and the head scaled on them)
     reference = pd.read_parquet(args.data / "test.parquet", columns=["text"]).sample(n=256, random_state=args.seed + 1)
     prompts = SENTIMENT_PROMPTS if private and args.head == "prompts" else None
-    return with_public_start(spec, reference["text"].tolist(), label_prompts=prompts, max_length=args.seq_len)
+    return with_public_start(spec, reference["text"].tolist(), label_prompts=prompts, max_length=args.seq_len,
+                             tail_tokens=_tail_tokens(args))
+
+
+def _tail_tokens(args: argparse.Namespace) -> int:
+    """``--tail-tokens``, or by default three quarters of the tokens a review keeps (94 of 128)."""
+    return args.tail_tokens if args.tail_tokens is not None else recipe_tail_tokens(args.seq_len)
 
 
 def _model(spec: dict[str, Any], args: argparse.Namespace, device: torch.device) -> nn.Module:
@@ -117,8 +125,8 @@ def run(args: argparse.Namespace) -> list[Row]:
     tokenizer = load_tokenizer(args.model)
     train_texts, train_labels = _load(args.data / "train.parquet", args.train_size, args.seed)
     test_texts, test_labels = _load(args.data / "test.parquet", args.test_size, args.seed)
-    train = encode_texts(tokenizer, train_texts, train_labels, max_length=args.seq_len)
-    test = encode_texts(tokenizer, test_texts, test_labels, max_length=args.seq_len)
+    train = encode_texts(tokenizer, train_texts, train_labels, max_length=args.seq_len, tail_tokens=_tail_tokens(args))
+    test = encode_texts(tokenizer, test_texts, test_labels, max_length=args.seq_len, tail_tokens=_tail_tokens(args))
     n = len(train_labels)
     sample_rate = args.batch / n
     steps = max(1, round(args.epochs / sample_rate))
@@ -185,6 +193,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--test-size", type=int, default=25_000)
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--tail-tokens", type=int, default=None,
+                        help="of a longer review keep its last N tokens too, in every row (default: 3/4 of "
+                             "--seq-len less 2, 94 of 128; 0 keeps the first tokens only)")
     parser.add_argument("--batch", type=int, default=256, help="(expected) logical batch")
     parser.add_argument("--physical-batch", type=int, default=128)
     parser.add_argument("--eval-batch", type=int, default=128)

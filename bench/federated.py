@@ -13,7 +13,8 @@ site reported them; unmasking = the Unmask stage plus the aggregator's reconstru
 The setup of the Flower reference measured on this machine (3 clients x 1,000 reviews, seq 128,
 1 local epoch, 3 rounds; Flower's clients fine-tuned MiniLM in full at batch 16, which is what the
 "no DP" cell runs here too; the DP cells run the default DP recipe: LoRA on query/value + the head on
-mean-pooled tokens, the head starting from label prompts, no dropout, Poisson batch 64, AdamW):
+mean-pooled tokens, the head starting from label prompts, no dropout, Poisson batch 64, AdamW; every
+cell truncates a longer review to its first 32 and last 94 tokens, ``--tail-tokens 0`` to its first 126):
 
     python bench/federated.py --flower-setup --epsilons 8,inf --schemes iid
 
@@ -44,7 +45,7 @@ from datasites.partition import partition_indices  # noqa: E402
 from datasites.review_queue import approve_request, list_requests  # noqa: E402
 from fedsite.demo import SITE_NAMES, http_sites, in_process_sites  # noqa: E402
 from policies.budget import PrivacyBudget  # noqa: E402
-from policies.dp import encode_texts  # noqa: E402
+from policies.dp import encode_texts, recipe_tail_tokens  # noqa: E402
 from researcher.evaluation import evaluate, load_test_subset  # noqa: E402
 from researcher.fedavg import apply_flat_delta, flatten_trainable  # noqa: E402
 from researcher.federation import SiteHandle, make_plan, submit  # noqa: E402
@@ -55,6 +56,11 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "imdb"
 SITES = SITE_NAMES
 CENTRE_REVIEWS = 256
 DP_LR = 1e-2  # AdamW step of the default DP recipe (LoRA + head on mean pooling, batch 64)
+
+
+def tail_tokens(args: argparse.Namespace) -> int:
+    """``--tail-tokens``, or by default three quarters of the tokens a text keeps (94 of 128: head + tail)."""
+    return args.tail_tokens if args.tail_tokens is not None else recipe_tail_tokens(args.seq_len)
 
 
 @dataclass(frozen=True)
@@ -100,7 +106,8 @@ def dp_start(args: argparse.Namespace) -> dict[str, Any]:
     if args.pooling != "mean":
         return spec
     prompts = SENTIMENT_PROMPTS if args.head == "prompts" else None
-    return with_public_start(spec, public_reviews(args), label_prompts=prompts, max_length=args.seq_len)
+    return with_public_start(spec, public_reviews(args), label_prompts=prompts, max_length=args.seq_len,
+                             tail_tokens=tail_tokens(args))
 
 
 def local_steps(args: argparse.Namespace) -> int:
@@ -148,7 +155,8 @@ def dp_cell(args: argparse.Namespace, scheme: str, epsilon: float, work: Path) -
         vector_length = len(flatten_trainable(build_from_spec(spec)[0])[0])
         dp = {"clip_norm": args.clip, "delta": args.delta, "expected_batch_size": args.batch,
               "local_steps": local_steps(args), "rounds": args.rounds, "target_epsilon": epsilon,
-              "learning_rate": args.dp_lr, "max_length": args.seq_len, "max_physical_batch_size": args.physical_batch}
+              "learning_rate": args.dp_lr, "max_length": args.seq_len, "tail_tokens": tail_tokens(args),
+              "max_physical_batch_size": args.physical_batch}
         plan = make_plan(sites=handles, model=spec, dp=dp, vector_length=vector_length, clip=args.update_clip)
         for handle in handles:
             submit(handle, plan, work / "functions")
@@ -165,7 +173,8 @@ def dp_cell(args: argparse.Namespace, scheme: str, epsilon: float, work: Path) -
 def non_private_cell(args: argparse.Namespace, scheme: str) -> Cell:
     """FedAvg of plain local AdamW training on the same partitions (no syft, no noise)."""
     started = time.perf_counter()
-    spec = with_public_centre(non_private_spec(args), public_reviews(args), max_length=args.seq_len)
+    spec = with_public_centre(non_private_spec(args), public_reviews(args), max_length=args.seq_len,
+                              tail_tokens=tail_tokens(args))
     model, tokenizer = build_from_spec(spec)
     vector, layout = flatten_trainable(model)
     parts = partitions(args, scheme)
@@ -181,12 +190,14 @@ def non_private_cell(args: argparse.Namespace, scheme: str) -> Cell:
             deltas.append(flatten_trainable(local)[0] - vector)
         vector = (vector + np.mean(deltas, axis=0)).astype(np.float32)
         apply_flat_delta(model, layout, vector - flatten_trainable(model)[0], scale=1.0)
-        per_round.append(evaluate(model, tokenizer, texts, labels, max_length=args.seq_len).accuracy)
+        per_round.append(evaluate(model, tokenizer, texts, labels, max_length=args.seq_len,
+                                  tail_tokens=tail_tokens(args)).accuracy)
     return Cell(scheme, math.inf, tuple(per_round), time.perf_counter() - started, {})
 
 
 def train_locally(model: torch.nn.Module, tokenizer: Any, rows: Any, args: argparse.Namespace) -> None:
-    data = encode_texts(tokenizer, rows["text"].tolist(), rows["label"].tolist(), max_length=args.seq_len)
+    data = encode_texts(tokenizer, rows["text"].tolist(), rows["label"].tolist(), max_length=args.seq_len,
+                        tail_tokens=tail_tokens(args))
     loader = torch.utils.data.DataLoader(data, batch_size=args.np_batch or args.batch, shuffle=True,
                                          generator=torch.Generator().manual_seed(args.seed))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
@@ -220,6 +231,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--reviews-per-site", type=int, default=1000)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--tail-tokens", type=int, default=None,
+                        help="of a longer review keep its last N tokens too, in every cell (default: 3/4 of "
+                             "--seq-len less 2, 94 of 128; 0 keeps the first tokens only)")
     parser.add_argument("--batch", type=int, default=64, help="expected (Poisson) batch per local step")
     parser.add_argument("--physical-batch", type=int, default=32)
     parser.add_argument("--local-epochs", type=float, default=1.0)

@@ -69,6 +69,9 @@ class ReviewReport:
             lines += [f"plan {self.plan.run_id}: dataset {self.plan.dataset}, model {model}",
                       f"  {dp.rounds} rounds x {dp.local_steps} local steps, batch {dp.expected_batch_size}, "
                       f"clip {dp.clip_norm}, target epsilon {dp.target_epsilon}, delta {dp.delta:g}",
+                      f"  reads {dp.max_length} tokens of each review"
+                      + (f" (of a longer one its first {dp.max_length - 2 - dp.tail_tokens} and last {dp.tail_tokens})"
+                         if dp.tail_tokens else " (its first ones)"),
                       f"  secure sum over {', '.join(self.plan.roster.site_ids)} (threshold "
                       f"{self.plan.secure_sum.threshold}, {self.plan.secure_sum.vector_length} values)"]
         if self.calibrated is not None:

@@ -29,6 +29,7 @@ from datasites.server import launch_in_process
 from datasites.sitedir import SiteDir
 from fedsite.processes import ServedSite, free_port
 from policies.budget import PrivacyBudget
+from policies.dp import recipe_tail_tokens
 from policies.ledger import PrivacyLedger
 from policies.syft_client import login
 from researcher.evaluation import load_test_subset
@@ -57,12 +58,14 @@ class DemoSize:
 DEFAULT = DemoSize(
     reviews_per_site=1000,
     # The default DP recipe: LoRA on query/value + a classifier on mean-pooled tokens that starts from
-    # label prompts (see below), no dropout, Poisson batch 64, AdamW 1e-2; 12 of the 16 steps that one
-    # local epoch would take, so the demo fits ~10 minutes.
+    # label prompts (see below), no dropout, Poisson batch 64, AdamW 1e-2, head + tail truncation (a
+    # long review keeps its first 32 and last 94 tokens); 12 of the 16 steps that one local epoch would
+    # take, so the demo fits ~10 minutes.
     model={"name": "all-MiniLM-L6-v2", "trainable": {"kind": "lora", "lora_rank": 8}, "seed": 0, "pooling": "mean",
            "dropout": 0.0},
     dp={"clip_norm": 1.0, "delta": 1e-5, "expected_batch_size": 64, "local_steps": 12, "rounds": 3,
-        "target_epsilon": 8.0, "learning_rate": 1e-2, "max_length": 128, "max_physical_batch_size": 32},
+        "target_epsilon": 8.0, "learning_rate": 1e-2, "max_length": 128, "tail_tokens": recipe_tail_tokens(128),
+        "max_physical_batch_size": 32},
     test_size=500,
 )
 QUICK = DemoSize(
@@ -70,7 +73,8 @@ QUICK = DemoSize(
     model={"name": None, "tiny": {"hidden_size": 32, "layers": 2, "heads": 2, "max_length": 64},
            "trainable": {"kind": "lora", "lora_rank": 4}, "seed": 0},
     dp={"clip_norm": 1.0, "delta": 1e-5, "expected_batch_size": 32, "local_steps": 3, "rounds": 2,
-        "target_epsilon": 8.0, "learning_rate": 5e-3, "max_length": 64, "max_physical_batch_size": 32},
+        "target_epsilon": 8.0, "learning_rate": 5e-3, "max_length": 64, "tail_tokens": recipe_tail_tokens(64),
+        "max_physical_batch_size": 32},
     test_size=200,
 )
 
@@ -183,7 +187,8 @@ def run_demo(args: argparse.Namespace) -> None:
         # Mean pooling is centred on public test reviews (seed 1; the evaluation draws with seed 0), and
         # the classifier starts as a zero-shot one from descriptions of the two labels, scaled on them.
         public = load_test_subset(imdb, CENTRE_REVIEWS, seed=1)["text"].tolist()
-        spec = with_public_start(size.model, public, max_length=int(size.dp["max_length"]))
+        spec = with_public_start(size.model, public, max_length=int(size.dp["max_length"]),
+                                 tail_tokens=int(size.dp["tail_tokens"]))
         model, _ = build_from_spec(spec)
         vector_length = len(flatten_trainable(model)[0])
         plan = make_plan(sites=[s.researcher for s in sites], model=spec, dp=size.dp, vector_length=vector_length)

@@ -26,6 +26,7 @@ def test_the_quick_demo_reviews_trains_and_reports_the_spend_of_every_site(tmp_p
     assert "no problems: the request can be approved" in text and "dry run on the mock twin:" in text
     assert re.search(r"'centre': '<32 values, norm \d+\.\d{3}>'", text)  # summarised, not 32 numbers
     assert "'head_init': '<2 x 32 weights and 2 biases>'" in text  # the prompt head, summarised too
+    assert "reads 64 tokens of each review (of a longer one its first 16 and last 46)" in text  # head + tail
     assert re.search(r"5\. Done in \d+ s: test accuracy 0\.\d{3} on 200 public test reviews", text)
     spent = [float(x) for x in re.findall(r"site-[abc]: epsilon spent (\d+\.\d\d) of 8 ", text)]
     assert len(spent) == 3 and all(0 < x <= 8.0 for x in spent)
