@@ -70,12 +70,7 @@ def _spec(args: argparse.Namespace, *, private: bool) -> dict[str, Any]:
     reference = pd.read_parquet(args.data / "test.parquet", columns=["text"]).sample(n=256, random_state=args.seed + 1)
     prompts = SENTIMENT_PROMPTS if private and args.head == "prompts" else None
     return with_public_start(spec, reference["text"].tolist(), label_prompts=prompts, max_length=args.seq_len,
-                             tail_tokens=_tail_tokens(args))
-
-
-def _tail_tokens(args: argparse.Namespace) -> int:
-    """``--tail-tokens``, or by default three quarters of the tokens a review keeps (94 of 128)."""
-    return args.tail_tokens if args.tail_tokens is not None else recipe_tail_tokens(args.seq_len)
+                             tail_tokens=args.tail_tokens)
 
 
 def _model(spec: dict[str, Any], args: argparse.Namespace, device: torch.device) -> nn.Module:
@@ -125,8 +120,8 @@ def run(args: argparse.Namespace) -> list[Row]:
     tokenizer = load_tokenizer(args.model)
     train_texts, train_labels = _load(args.data / "train.parquet", args.train_size, args.seed)
     test_texts, test_labels = _load(args.data / "test.parquet", args.test_size, args.seed)
-    train = encode_texts(tokenizer, train_texts, train_labels, max_length=args.seq_len, tail_tokens=_tail_tokens(args))
-    test = encode_texts(tokenizer, test_texts, test_labels, max_length=args.seq_len, tail_tokens=_tail_tokens(args))
+    train = encode_texts(tokenizer, train_texts, train_labels, max_length=args.seq_len, tail_tokens=args.tail_tokens)
+    test = encode_texts(tokenizer, test_texts, test_labels, max_length=args.seq_len, tail_tokens=args.tail_tokens)
     n = len(train_labels)
     sample_rate = args.batch / n
     steps = max(1, round(args.epochs / sample_rate))
@@ -221,6 +216,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.train_size, args.test_size, args.seq_len, args.batch, args.physical_batch = 1000, 500, 64, 64, 32
+    if args.tail_tokens is None:  # the recipe's head + tail truncation at this --seq-len
+        args.tail_tokens = recipe_tail_tokens(args.seq_len)
     return args
 
 

@@ -58,11 +58,6 @@ CENTRE_REVIEWS = 256
 DP_LR = 1e-2  # AdamW step of the default DP recipe (LoRA + head on mean pooling, batch 64)
 
 
-def tail_tokens(args: argparse.Namespace) -> int:
-    """``--tail-tokens``, or by default three quarters of the tokens a text keeps (94 of 128: head + tail)."""
-    return args.tail_tokens if args.tail_tokens is not None else recipe_tail_tokens(args.seq_len)
-
-
 @dataclass(frozen=True)
 class Cell:
     scheme: str
@@ -107,7 +102,7 @@ def dp_start(args: argparse.Namespace) -> dict[str, Any]:
         return spec
     prompts = SENTIMENT_PROMPTS if args.head == "prompts" else None
     return with_public_start(spec, public_reviews(args), label_prompts=prompts, max_length=args.seq_len,
-                             tail_tokens=tail_tokens(args))
+                             tail_tokens=args.tail_tokens)
 
 
 def local_steps(args: argparse.Namespace) -> int:
@@ -155,7 +150,7 @@ def dp_cell(args: argparse.Namespace, scheme: str, epsilon: float, work: Path) -
         vector_length = len(flatten_trainable(build_from_spec(spec)[0])[0])
         dp = {"clip_norm": args.clip, "delta": args.delta, "expected_batch_size": args.batch,
               "local_steps": local_steps(args), "rounds": args.rounds, "target_epsilon": epsilon,
-              "learning_rate": args.dp_lr, "max_length": args.seq_len, "tail_tokens": tail_tokens(args),
+              "learning_rate": args.dp_lr, "max_length": args.seq_len, "tail_tokens": args.tail_tokens,
               "max_physical_batch_size": args.physical_batch}
         plan = make_plan(sites=handles, model=spec, dp=dp, vector_length=vector_length, clip=args.update_clip)
         for handle in handles:
@@ -174,7 +169,7 @@ def non_private_cell(args: argparse.Namespace, scheme: str) -> Cell:
     """FedAvg of plain local AdamW training on the same partitions (no syft, no noise)."""
     started = time.perf_counter()
     spec = with_public_centre(non_private_spec(args), public_reviews(args), max_length=args.seq_len,
-                              tail_tokens=tail_tokens(args))
+                              tail_tokens=args.tail_tokens)
     model, tokenizer = build_from_spec(spec)
     vector, layout = flatten_trainable(model)
     parts = partitions(args, scheme)
@@ -191,13 +186,13 @@ def non_private_cell(args: argparse.Namespace, scheme: str) -> Cell:
         vector = (vector + np.mean(deltas, axis=0)).astype(np.float32)
         apply_flat_delta(model, layout, vector - flatten_trainable(model)[0], scale=1.0)
         per_round.append(evaluate(model, tokenizer, texts, labels, max_length=args.seq_len,
-                                  tail_tokens=tail_tokens(args)).accuracy)
+                                  tail_tokens=args.tail_tokens).accuracy)
     return Cell(scheme, math.inf, tuple(per_round), time.perf_counter() - started, {})
 
 
 def train_locally(model: torch.nn.Module, tokenizer: Any, rows: Any, args: argparse.Namespace) -> None:
     data = encode_texts(tokenizer, rows["text"].tolist(), rows["label"].tolist(), max_length=args.seq_len,
-                        tail_tokens=tail_tokens(args))
+                        tail_tokens=args.tail_tokens)
     loader = torch.utils.data.DataLoader(data, batch_size=args.np_batch or args.batch, shuffle=True,
                                          generator=torch.Generator().manual_seed(args.seed))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
@@ -271,6 +266,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.set_defaults(tiny=True, reviews_per_site=120, rounds=2, seq_len=64, batch=32, epsilons=[8.0, math.inf],
                             schemes=["iid"], test_size=100, update_clip=0.5)
     args = parser.parse_args(argv)
+    if args.tail_tokens is None:  # the recipe's head + tail truncation at this --seq-len
+        args.tail_tokens = recipe_tail_tokens(args.seq_len)
     if args.lr is None:
         args.lr = 5e-5 if (args.np_trainable or args.trainable) == "full" else 5e-4
     return args

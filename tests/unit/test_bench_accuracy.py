@@ -47,8 +47,8 @@ def test_dp_rows_start_from_the_prompt_head_without_dropout_and_the_non_private_
     assert torch.allclose(weight[0], -weight[1], atol=1e-6)
     assert not torch.allclose(_classifier(non_private).weight[0], -_classifier(non_private).weight[1], atol=1e-3)
     # Every row truncates a longer review to its head and tail: 46 of the quick preset's 64 tokens from the end
-    assert bench._tail_tokens(args) == 46
-    assert bench._tail_tokens(bench.parse_args(["--quick", "--data", str(imdb_dir), "--tail-tokens", "0"])) == 0
+    assert args.tail_tokens == 46
+    assert bench.parse_args(["--quick", "--data", str(imdb_dir), "--tail-tokens", "0"]).tail_tokens == 0
     zero_shot = evaluate(private, bench.load_tokenizer(None), test["text"].tolist(), test["label"].tolist(), max_length=64,
                          tail_tokens=46)
     assert zero_shot.accuracy > 0.65  # 0.74 on 1,000 reviews at 128 tokens
