@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from policies.accounting import calibrate_noise_multiplier, epsilon_of
 from policies.dp import CalibratedPlan, DPPlan, _trim_padding, encode_texts, recipe_tail_tokens, train_dp_sgd
+from researcher.calibration import calibrate_bias
 from researcher.models import SENTIMENT_PROMPTS, build_from_spec, load_tokenizer, with_public_start
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "imdb"
@@ -49,6 +50,7 @@ class Row:
     steps: int
     train_s: float
     accuracy: float
+    calibrated: float | None = None  # after researcher.calibration on the public reviews (--calibrate)
 
 
 def _load(path: Path, size: int, seed: int) -> tuple[list[str], list[int]]:
@@ -67,10 +69,15 @@ def _spec(args: argparse.Namespace, *, private: bool) -> dict[str, Any]:
     if args.pooling != "mean":
         return spec
     # Centred on public test reviews other than the evaluated ones (and the head scaled on them)
-    reference = pd.read_parquet(args.data / "test.parquet", columns=["text"]).sample(n=256, random_state=args.seed + 1)
     prompts = SENTIMENT_PROMPTS if private and args.head == "prompts" else None
-    return with_public_start(spec, reference["text"].tolist(), label_prompts=prompts, max_length=args.seq_len,
+    return with_public_start(spec, public_reviews(args), label_prompts=prompts, max_length=args.seq_len,
                              tail_tokens=args.tail_tokens)
+
+
+def public_reviews(args: argparse.Namespace) -> list[str]:
+    """256 public test reviews (another draw than the evaluated ones): the centre, the prompt head's scale, calibration."""
+    reference = pd.read_parquet(args.data / "test.parquet", columns=["text"]).sample(n=256, random_state=args.seed + 1)
+    return reference["text"].tolist()
 
 
 def _model(spec: dict[str, Any], args: argparse.Namespace, device: torch.device) -> nn.Module:
@@ -122,6 +129,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     test_texts, test_labels = _load(args.data / "test.parquet", args.test_size, args.seed)
     train = encode_texts(tokenizer, train_texts, train_labels, max_length=args.seq_len, tail_tokens=args.tail_tokens)
     test = encode_texts(tokenizer, test_texts, test_labels, max_length=args.seq_len, tail_tokens=args.tail_tokens)
+    evaluated = set(test_texts)
     n = len(train_labels)
     sample_rate = args.batch / n
     steps = max(1, round(args.epochs / sample_rate))
@@ -150,7 +158,7 @@ def run(args: argparse.Namespace) -> list[Row]:
                 clipping_mode=args.mode,
             )
             reached = epsilon_of([(sigma, sample_rate, steps)], delta=args.delta, accountant="prv")
-            calibrated = CalibratedPlan(
+            calibrated_plan = CalibratedPlan(
                 plan=plan,
                 n_records=n,
                 noise_multiplier=sigma,
@@ -160,23 +168,32 @@ def run(args: argparse.Namespace) -> list[Row]:
                 budget_epsilon=epsilon,
             )
             amp = torch.bfloat16 if args.dtype == "bf16" else None
-            train_dp_sgd(model, train, plan=calibrated, device=device, amp_dtype=amp)
+            train_dp_sgd(model, train, plan=calibrated_plan, device=device, amp_dtype=amp)
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_s = time.perf_counter() - start
-        rows.append(Row(epsilon, sigma, steps, train_s, evaluate(model, test, args, device)))
-        print(f"  epsilon={epsilon}: accuracy {rows[-1].accuracy:.4f}, train {train_s:.0f} s", flush=True)
+        accuracy = evaluate(model, test, args, device)
+        calibrated = None
+        if args.calibrate:
+            unseen = [text for text in public_reviews(args) if text not in evaluated]
+            calibrate_bias(model, tokenizer, unseen, max_length=args.seq_len, tail_tokens=args.tail_tokens,
+                           batch_size=args.eval_batch)
+            calibrated = evaluate(model, test, args, device)
+        rows.append(Row(epsilon, sigma, steps, train_s, accuracy, calibrated))
+        print(f"  epsilon={epsilon}: accuracy {accuracy:.4f} (calibrated {calibrated}), train {train_s:.0f} s", flush=True)
     return rows
 
 
 def table(rows: list[Row]) -> str:
     lines = [
-        "| epsilon (delta=1e-5) | noise multiplier | steps | train wall s | test accuracy |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| epsilon (delta=1e-5) | noise multiplier | steps | train wall s | test accuracy | calibrated |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
         label = "non-private" if math.isinf(row.epsilon) else f"{row.epsilon:g}"
-        lines.append(f"| {label} | {row.noise_multiplier:.3f} | {row.steps} | {row.train_s:.0f} | {row.accuracy:.4f} |")
+        calibrated = "-" if row.calibrated is None else f"{row.calibrated:.4f}"
+        lines.append(f"| {label} | {row.noise_multiplier:.3f} | {row.steps} | {row.train_s:.0f} | {row.accuracy:.4f} "
+                     f"| {calibrated} |")
     return "\n".join(lines)
 
 
@@ -209,6 +226,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="every dropout probability of the DP rows' model (the non-private row keeps the checkpoint's)")
     parser.add_argument("--lr", type=float, default=5e-4, help="non-private AdamW learning rate")
     parser.add_argument("--dp-lr", type=float, default=2e-3, help="DP AdamW learning rate")
+    parser.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
+                        help="also score every row after the classifier bias is calibrated on the public reviews "
+                             "(half of them predicted positive; researcher.calibration), as the federated trainer does")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)

@@ -46,7 +46,8 @@ from datasites.review_queue import approve_request, list_requests  # noqa: E402
 from fedsite.demo import SITE_NAMES, http_sites, in_process_sites  # noqa: E402
 from policies.budget import PrivacyBudget  # noqa: E402
 from policies.dp import encode_texts, recipe_tail_tokens  # noqa: E402
-from researcher.evaluation import evaluate, load_test_subset  # noqa: E402
+from researcher.calibration import evaluate_and_calibrate  # noqa: E402
+from researcher.evaluation import load_test_subset  # noqa: E402
 from researcher.fedavg import apply_flat_delta, flatten_trainable  # noqa: E402
 from researcher.federation import SiteHandle, make_plan, submit  # noqa: E402
 from researcher.models import SENTIMENT_PROMPTS, build_from_spec, with_public_centre, with_public_start  # noqa: E402
@@ -65,6 +66,7 @@ class Cell:
     per_round: tuple[float, ...]  # test accuracy after each round
     wall_s: float
     breakdown: dict[str, float]
+    uncalibrated: tuple[float, ...] = ()  # with --calibrate: the accuracy before each round's bias calibration
 
     @property
     def accuracy(self) -> float:
@@ -158,11 +160,14 @@ def dp_cell(args: argparse.Namespace, scheme: str, epsilon: float, work: Path) -
         for admin, site_dir in admins:
             request = next(r.request_id for r in list_requests(admin) if r.status == "pending")
             approve_request(admin, site_dir, request, admin=site_dir.meta().admin_email)
+        calibration = tuple(public_reviews(args)) if args.calibrate else ()
         trainer = FederatedTrainer(handles, plan, TrainerSettings(run_dir=work / "run", imdb_source=str(args.data),
-                                                                  test_size=args.test_size, progress=False))
+                                                                  test_size=args.test_size, progress=False,
+                                                                  calibration_texts=calibration))
         report = trainer.run()
     return Cell(scheme, epsilon, tuple(r.accuracy for r in report.rounds), time.perf_counter() - started,
-                breakdown([dict(r.seconds) for r in report.rounds]))
+                breakdown([dict(r.seconds) for r in report.rounds]),
+                tuple(r.uncalibrated_accuracy for r in report.rounds if r.uncalibrated_accuracy is not None))
 
 
 def non_private_cell(args: argparse.Namespace, scheme: str) -> Cell:
@@ -175,7 +180,8 @@ def non_private_cell(args: argparse.Namespace, scheme: str) -> Cell:
     parts = partitions(args, scheme)
     test = load_test_subset(args.data, args.test_size, 0)
     texts, labels = test["text"].tolist(), test["label"].tolist()
-    per_round = []
+    calibration = [text for text in public_reviews(args) if text not in set(texts)]
+    per_round, uncalibrated = [], []
     for _ in range(args.rounds):
         deltas = []
         for rows in parts:
@@ -185,9 +191,14 @@ def non_private_cell(args: argparse.Namespace, scheme: str) -> Cell:
             deltas.append(flatten_trainable(local)[0] - vector)
         vector = (vector + np.mean(deltas, axis=0)).astype(np.float32)
         apply_flat_delta(model, layout, vector - flatten_trainable(model)[0], scale=1.0)
-        per_round.append(evaluate(model, tokenizer, texts, labels, max_length=args.seq_len,
-                                  tail_tokens=args.tail_tokens).accuracy)
-    return Cell(scheme, math.inf, tuple(per_round), time.perf_counter() - started, {})
+        # As the trainer does in the DP cells: the next round starts from the calibrated model
+        scored = evaluate_and_calibrate(model, tokenizer, texts, labels, calibration if args.calibrate else [],
+                                        max_length=args.seq_len, tail_tokens=args.tail_tokens)
+        vector = flatten_trainable(model)[0]
+        per_round.append(scored.evaluation.accuracy)
+        if scored.uncalibrated_accuracy is not None:
+            uncalibrated.append(scored.uncalibrated_accuracy)
+    return Cell(scheme, math.inf, tuple(per_round), time.perf_counter() - started, {}, tuple(uncalibrated))
 
 
 def train_locally(model: torch.nn.Module, tokenizer: Any, rows: Any, args: argparse.Namespace) -> None:
@@ -206,14 +217,15 @@ def train_locally(model: torch.nn.Module, tokenizer: Any, rows: Any, args: argpa
 
 def table(cells: list[Cell]) -> str:
     keys = ("dispatch+transfer", "training", "masking", "unmasking", "evaluation")
-    lines = ["| scheme | per-site epsilon | test accuracy | per round | wall s | "
+    lines = ["| scheme | per-site epsilon | test accuracy | per round | before calibration | wall s | "
              + " | ".join(f"{k} s/round" for k in keys) + " |",
-             "| --- | --- | ---: | --- | ---: | " + " | ".join("---:" for _ in keys) + " |"]
+             "| --- | --- | ---: | --- | --- | ---: | " + " | ".join("---:" for _ in keys) + " |"]
     for c in cells:
         eps = "no DP (FedAvg, no syft)" if math.isinf(c.epsilon) else f"{c.epsilon:g}"
         times = " | ".join(f"{c.breakdown[k]:.1f}" if k in c.breakdown else "-" for k in keys)
         trace = " / ".join(f"{a:.3f}" for a in c.per_round)
-        lines.append(f"| {c.scheme} | {eps} | {c.accuracy:.4f} | {trace} | {c.wall_s:.0f} | {times} |")
+        before = " / ".join(f"{a:.3f}" for a in c.uncalibrated) or "-"
+        lines.append(f"| {c.scheme} | {eps} | {c.accuracy:.4f} | {trace} | {before} | {c.wall_s:.0f} | {times} |")
     return "\n".join(lines)
 
 
@@ -251,6 +263,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=None,
                         help="no-DP AdamW learning rate (default 5e-4 for LoRA, 5e-5 for full fine-tuning)")
     parser.add_argument("--dp-lr", type=float, default=DP_LR, help="DP AdamW learning rate")
+    parser.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
+                        help="after each round shift the classifier bias so half the public reviews are predicted "
+                             "positive (researcher.calibration; the 'before calibration' column is the model before it)")
     parser.add_argument("--test-size", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--flower-setup", action="store_true",

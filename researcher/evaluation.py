@@ -77,6 +77,24 @@ def evaluate(
     trains next does not silently train without dropout. ``tail_tokens`` truncates long texts as the
     plan's ``dp.tail_tokens`` does in training (``policies.dp.tokenize``).
     """
+    if len(texts) == 0:
+        raise EvaluationError("no texts to evaluate on: pass at least one labelled review")
+    targets = _checked_labels(labels, len(texts))
+    logits = predict_logits(model, tokenizer, texts, max_length=max_length, tail_tokens=tail_tokens,
+                            batch_size=batch_size)
+    return score_logits(logits, targets)
+
+
+def predict_logits(
+    model: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    max_length: int = 128,
+    tail_tokens: int = 0,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """The model's logits [n, num_labels] (float32, on the CPU) for ``texts``, in eval mode, without gradients."""
     _positive_int("max_length", max_length)
     _positive_int("batch_size", batch_size)
     try:
@@ -84,13 +102,11 @@ def evaluate(
     except DPPlanError as exc:
         raise EvaluationError(str(exc)) from exc
     if len(texts) == 0:
-        raise EvaluationError("no texts to evaluate on: pass at least one labelled review")
-    targets = _checked_labels(labels, len(texts))
+        raise EvaluationError("no texts to score: pass at least one text")
     device = _model_device(model)
     was_training = model.training
     model.eval()
-    loss_sum = 0.0
-    correct = 0
+    batches = []
     try:
         with torch.no_grad():
             for start in range(0, len(texts), batch_size):
@@ -98,16 +114,23 @@ def evaluate(
                 encoded = tokenize(tokenizer, batch, max_length=max_length, tail_tokens=tail_tokens)
                 logits = model(
                     input_ids=encoded["input_ids"].to(device), attention_mask=encoded["attention_mask"].to(device)
-                ).logits.float()  # [b, num_labels]
-                target = targets[start : start + batch_size].to(device)  # [b]
-                if int(target.max()) >= logits.shape[1]:
-                    raise EvaluationError(f"a label is {int(target.max())} but the model has {logits.shape[1]} classes")
-                loss_sum += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
-                correct += int((logits.argmax(dim=1) == target).sum())
+                ).logits
+                batches.append(logits.float().cpu())  # [b, num_labels]
     finally:
         model.train(was_training)
-    n = len(texts)
-    return Evaluation(accuracy=correct / n, mean_loss=loss_sum / n, n=n)
+    return torch.cat(batches)
+
+
+def score_logits(logits: torch.Tensor, labels: Sequence[int] | torch.Tensor) -> Evaluation:
+    """Accuracy and mean cross-entropy of ``logits`` [n, num_labels] against ``labels``."""
+    targets = labels if isinstance(labels, torch.Tensor) else _checked_labels(labels, len(logits))
+    if logits.ndim != 2 or len(targets) != len(logits) or len(logits) == 0:
+        raise EvaluationError(f"logits {tuple(logits.shape)} do not match {len(targets)} labels")
+    if int(targets.max()) >= logits.shape[1]:
+        raise EvaluationError(f"a label is {int(targets.max())} but the model has {logits.shape[1]} classes")
+    loss = float(nn.functional.cross_entropy(logits.float(), targets, reduction="mean"))
+    accuracy = int((logits.argmax(dim=1) == targets).sum()) / len(targets)
+    return Evaluation(accuracy=accuracy, mean_loss=loss, n=len(targets))
 
 
 def _read_test_split(imdb_source: str | os.PathLike[str]) -> pd.DataFrame:

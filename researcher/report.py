@@ -72,6 +72,10 @@ class RoundRecord:
     participants: tuple[str, ...]  # sites whose masked update entered the secure sum (>= 1)
     dropped: tuple[str, ...]  # roster sites whose update did not (timeout, refusal, crash)
     seconds: Mapping[str, float]  # stage (TIME_KEYS, or others) -> wall seconds, >= 0
+    # With the trainer's prior calibration (researcher.calibration), accuracy is the calibrated model's;
+    # these are the accuracy before it and the logit-margin shift it applied. None without calibration.
+    uncalibrated_accuracy: float | None = None
+    calibration_shift: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.round_index, bool) or not isinstance(self.round_index, int) or self.round_index < 0:
@@ -89,6 +93,11 @@ class RoundRecord:
         object.__setattr__(self, "dropped", dropped)
         object.__setattr__(self, "epsilon_spent", _number_map("epsilon_spent", self.epsilon_spent))
         object.__setattr__(self, "seconds", _number_map("seconds", self.seconds))
+        if (self.uncalibrated_accuracy is None) != (self.calibration_shift is None):
+            raise RunReportError("uncalibrated_accuracy and calibration_shift come together: give both or neither")
+        if self.uncalibrated_accuracy is not None:
+            _number("uncalibrated_accuracy", self.uncalibrated_accuracy, high=1.0)
+            _number("calibration_shift", self.calibration_shift, low=-math.inf)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -99,15 +108,18 @@ class RoundRecord:
             "participants": list(self.participants),
             "dropped": list(self.dropped),
             "seconds": dict(self.seconds),
+            "uncalibrated_accuracy": self.uncalibrated_accuracy,
+            "calibration_shift": self.calibration_shift,
         }
 
     @staticmethod
     def from_dict(raw: Mapping[str, Any]) -> RoundRecord:
         fields = ("round_index", "accuracy", "mean_loss", "epsilon_spent", "participants", "dropped", "seconds")
-        if not isinstance(raw, Mapping) or set(raw) != set(fields):
+        optional = ("uncalibrated_accuracy", "calibration_shift")  # absent from reports written before calibration
+        if not isinstance(raw, Mapping) or not set(fields) <= set(raw) <= set(fields + optional):
             keys = sorted(raw) if isinstance(raw, Mapping) else type(raw).__name__
-            raise RunReportError(f"a round record needs exactly the keys {list(fields)}, got {keys}")
-        return RoundRecord(**{name: raw[name] for name in fields})
+            raise RunReportError(f"a round record needs the keys {list(fields)} (and may have {list(optional)}), got {keys}")
+        return RoundRecord(**{name: raw[name] for name in fields + optional if name in raw})
 
 
 class RunReport:
@@ -161,7 +173,12 @@ class RunReport:
         accuracy_axes = figure.add_subplot(1, 2, 1)
         epsilon_axes = figure.add_subplot(1, 2, 2)
         rounds = [r.round_index for r in self._rounds]
-        accuracy_axes.plot(rounds, [r.accuracy for r in self._rounds], marker="o")
+        accuracy_axes.plot(rounds, [r.accuracy for r in self._rounds], marker="o", label="global model")
+        before = [(r.round_index, r.uncalibrated_accuracy) for r in self._rounds if r.uncalibrated_accuracy is not None]
+        if before:
+            accuracy_axes.plot([x for x, _ in before], [y for _, y in before], marker="x", linestyle="--",
+                               label="before the bias calibration")
+            accuracy_axes.legend()
         accuracy_axes.set(xlabel="round", ylabel="test accuracy", title="Global model accuracy")
         accuracy_axes.grid(alpha=0.3)
         sites = sorted({site for r in self._rounds for site in r.epsilon_spent})

@@ -21,8 +21,14 @@ import numpy as np
 
 from policies.durable import read_json, write_json_atomic
 from policies.federated_plan import FederatedPlan
+from researcher.calibration import (
+    CalibrationError,
+    check_calibratable,
+    check_positive_share,
+    evaluate_and_calibrate,
+)
 from researcher.checkpoints import load_latest, restore_into, save_checkpoint
-from researcher.evaluation import evaluate, load_test_subset
+from researcher.evaluation import load_test_subset
 from researcher.fedavg import apply_flat_delta, flatten_trainable
 from researcher.federation import SiteHandle, run_round
 from researcher.models import build_from_spec
@@ -46,6 +52,19 @@ class TrainerSettings:
     server_lr: float = 1.0  # FedAvg server step size (1.0 = plain average)
     attempts_per_round: int = 3  # secure-sum sessions to try before giving up on a round
     progress: bool = True  # a tqdm bar over rounds
+    # Public, unlabelled texts of the population the model is for: after each round the classifier's
+    # bias is shifted so that positive_share of them are predicted label 1 (researcher.calibration).
+    # Empty: no calibration. Texts that are among the evaluated reviews are left out of it.
+    calibration_texts: tuple[str, ...] = ()
+    positive_share: float = 0.5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.calibration_texts, str) or not all(
+            isinstance(text, str) and text for text in self.calibration_texts
+        ):
+            raise CalibrationError("calibration_texts must be a sequence of non-empty strings (public, unlabelled texts)")
+        object.__setattr__(self, "calibration_texts", tuple(self.calibration_texts))
+        check_positive_share(self.positive_share)
 
 
 class FederatedTrainer:
@@ -62,6 +81,12 @@ class FederatedTrainer:
         _, self.layout = flatten_trainable(self.model)
         test = load_test_subset(settings.imdb_source, settings.test_size, settings.test_seed)
         self.test_texts, self.test_labels = test["text"].tolist(), test["label"].tolist()
+        evaluated = set(self.test_texts)
+        self.calibration_texts = [text for text in settings.calibration_texts if text not in evaluated]
+        if settings.calibration_texts and not self.calibration_texts:
+            raise CalibrationError("every calibration text is one of the evaluated test reviews: pass other public texts")
+        if self.calibration_texts:
+            check_calibratable(self.model)
         self.report = RunReport(run_id=self.plan.run_id)
         self.next_round = 0
         self._resume()
@@ -113,13 +138,17 @@ class FederatedTrainer:
                             first_attempt=self._claim_attempts(round_index))
         apply_flat_delta(self.model, self.layout, outcome.average.astype(np.float32), scale=self.settings.server_lr)
         started = time.perf_counter()
-        evaluation = evaluate(self.model, self.tokenizer, self.test_texts, self.test_labels,
-                              max_length=self.plan.dp.max_length, tail_tokens=self.plan.dp.tail_tokens,
-                              batch_size=self.settings.eval_batch_size)
+        dp = self.plan.dp
+        scored = evaluate_and_calibrate(self.model, self.tokenizer, self.test_texts, self.test_labels,
+                                        self.calibration_texts, positive_share=self.settings.positive_share,
+                                        max_length=dp.max_length, tail_tokens=dp.tail_tokens,
+                                        batch_size=self.settings.eval_batch_size)
+        evaluation = scored.evaluation
         seconds = {**outcome.times, "evaluation": round(time.perf_counter() - started, 3)}
         record = RoundRecord(round_index=round_index, accuracy=evaluation.accuracy, mean_loss=evaluation.mean_loss,
                              epsilon_spent=dict(outcome.epsilon_spent), participants=outcome.participants,
-                             dropped=outcome.dropped, seconds=seconds)
+                             dropped=outcome.dropped, seconds=seconds,
+                             uncalibrated_accuracy=scored.uncalibrated_accuracy, calibration_shift=scored.shift)
         save_checkpoint(self.run_dir, round_index=round_index, model=self.model, layout=self.layout,
                         meta={"run_id": self.plan.run_id, "accuracy": evaluation.accuracy})
         self.report.append_round(record)

@@ -27,11 +27,14 @@ def test_the_quick_demo_reviews_trains_and_reports_the_spend_of_every_site(tmp_p
     assert re.search(r"'centre': '<32 values, norm \d+\.\d{3}>'", text)  # summarised, not 32 numbers
     assert "'head_init': '<2 x 32 weights and 2 biases>'" in text  # the prompt head, summarised too
     assert "reads 64 tokens of each review (of a longer one its first 16 and last 46)" in text  # head + tail
-    assert re.search(r"5\. Done in \d+ s: test accuracy 0\.\d{3} on 200 public test reviews", text)
+    assert re.search(r"5\. Done in \d+ s: test accuracy 0\.\d{3} on 200 public test reviews \(0\.\d{3} before the last bias "
+                     r"calibration on public reviews\)", text)
     spent = [float(x) for x in re.findall(r"site-[abc]: epsilon spent (\d+\.\d\d) of 8 ", text)]
     assert len(spent) == 3 and all(0 < x <= 8.0 for x in spent)
     report = json.loads(next(out.glob("researcher/run-*/report.json")).read_text())
     assert [r["round_index"] for r in report["rounds"]] == [0, 1]
+    assert all(isinstance(r["calibration_shift"], float) and 0 <= r["uncalibrated_accuracy"] <= 1
+               for r in report["rounds"])
     assert {site: round(eps, 2) for site, eps in report["rounds"][-1]["epsilon_spent"].items()} == dict(
         zip(("site-a", "site-b", "site-c"), spent, strict=True))
     assert next(out.glob("researcher/run-*/report.png")).stat().st_size > 0

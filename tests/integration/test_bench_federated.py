@@ -18,14 +18,17 @@ def test_quick_benchmark_reports_accuracy_per_round_and_the_time_breakdown(capsy
     monkeypatch.setitem(sys.modules, "federated_bench", bench)  # dataclasses look their module up
     spec.loader.exec_module(bench)
 
-    # Execute: the quick preset with only its DP cell
-    cells = bench.main(["--quick", "--epsilons", "8", "--data", str(imdb_dir)])
+    # Execute: the quick preset (its DP cell and its no-DP cell)
+    cells = bench.main(["--quick", "--epsilons", "8,inf", "--data", str(imdb_dir)])
 
-    # Assert: one cell, two evaluated rounds, every stage of the breakdown measured
-    (cell,) = cells
-    assert (cell.scheme, cell.epsilon, len(cell.per_round)) == ("iid", 8.0, 2)
-    assert all(0.0 <= a <= 1.0 for a in cell.per_round)
+    # Assert: two evaluated rounds per cell, each also scored before its bias calibration, every stage of
+    # the DP cell's breakdown measured
+    cell, plain = cells
+    assert (cell.scheme, cell.epsilon, len(cell.per_round), len(cell.uncalibrated)) == ("iid", 8.0, 2, 2)
+    assert (plain.epsilon, len(plain.per_round), len(plain.uncalibrated)) == (float("inf"), 2, 2)
+    assert all(0.0 <= a <= 1.0 for a in (*cell.per_round, *cell.uncalibrated))
     assert set(cell.breakdown) == {"dispatch+transfer", "training", "masking", "unmasking", "evaluation"}
     assert cell.breakdown["training"] > 0 and cell.breakdown["dispatch+transfer"] > 0
     trace = " / ".join(f"{a:.3f}" for a in cell.per_round)
-    assert f"| iid | 8 | {cell.accuracy:.4f} | {trace} |" in capsys.readouterr().out
+    before = " / ".join(f"{a:.3f}" for a in cell.uncalibrated)
+    assert f"| iid | 8 | {cell.accuracy:.4f} | {trace} | {before} |" in capsys.readouterr().out

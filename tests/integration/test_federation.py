@@ -23,6 +23,8 @@ from policies.ledger import PrivacyLedger
 from policies.secagg import AdvertiseKeys, MaskedInput, ShareKeys, SignedSurvivors
 from policies.site_runtime import encode_vector
 from policies.submission import SubmissionError
+from researcher.checkpoints import load_latest, restore_into
+from researcher.evaluation import evaluate, load_test_subset, predict_logits
 from researcher.fedavg import flatten_trainable
 from researcher.federation import (
     FederatedRound,
@@ -34,6 +36,7 @@ from researcher.federation import (
     submit,
 )
 from researcher.models import build_from_spec
+from researcher.report import RunReport
 from researcher.trainer import FederatedTrainer, TrainerSettings
 from tests.conftest import ADMIN_PASSWORD, IMDB_DIR, RESEARCHER_PASSWORD
 
@@ -219,6 +222,37 @@ def test_the_researcher_resumes_after_its_process_dies(federation: Federation, t
     assert np.array_equal(restored, flatten_trainable(first.model)[0])
     assert [r.round_index for r in report.rounds] == [0, 1]
     assert (tmp_path / "run" / "report.png").stat().st_size > 0
+
+
+def test_the_trainer_calibrates_the_bias_on_public_texts(federation: Federation, tmp_path: Path) -> None:
+    # Prepare: a one-round plan, and public reviews (a few of them among the evaluated ones)
+    raw = federation.plan(dp={"rounds": 1, "target_epsilon": 1.0})
+    federation.submit_all(raw)
+    federation.approve_all()
+    evaluated = load_test_subset(IMDB_DIR, 40, 0)
+    public = [*load_test_subset(IMDB_DIR, 60, 5)["text"], *evaluated["text"][:3]]
+    settings = TrainerSettings(run_dir=tmp_path / "run", imdb_source=str(IMDB_DIR), test_size=40, progress=False,
+                               calibration_texts=tuple(public))
+
+    # Execute
+    trainer = FederatedTrainer(federation.handles, raw, settings)
+    record = trainer.run().rounds[0]
+
+    # Assert: the checkpointed model is the calibrated one, scored as the report says, and it splits the
+    # public texts that are not evaluated at the prior
+    assert len(trainer.calibration_texts) == len(set(public) - set(evaluated["text"]))
+    model, tokenizer = build_from_spec(raw["model"])
+    checkpoint = load_latest(tmp_path / "run")
+    assert checkpoint is not None and checkpoint.round_index == 0
+    restore_into(model, checkpoint)
+    score = evaluate(model, tokenizer, evaluated["text"].tolist(), evaluated["label"].tolist(), max_length=64)
+    assert record.accuracy == score.accuracy
+    assert record.mean_loss == pytest.approx(score.mean_loss, rel=1e-4)
+    logits = predict_logits(model, tokenizer, trainer.calibration_texts, max_length=64)
+    assert float((logits[:, 1] > logits[:, 0]).float().mean()) == pytest.approx(0.5, abs=0.02)
+    assert record.uncalibrated_accuracy is not None and record.calibration_shift is not None
+    saved = RunReport.load_json(tmp_path / "run" / "report.json").rounds[0]
+    assert saved.calibration_shift == record.calibration_shift
 
 
 def test_budget_lowered_after_approval_stops_the_next_round(federation: Federation) -> None:
