@@ -18,6 +18,7 @@ tokens from the end), as the federated benchmark does.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -76,8 +77,14 @@ def _spec(args: argparse.Namespace, *, private: bool) -> dict[str, Any]:
 
 def public_reviews(args: argparse.Namespace) -> list[str]:
     """256 public test reviews (another draw than the evaluated ones): the centre, the prompt head's scale, calibration."""
-    reference = pd.read_parquet(args.data / "test.parquet", columns=["text"]).sample(n=256, random_state=args.seed + 1)
-    return reference["text"].tolist()
+    return list(_public_reviews(Path(args.data), args.seed))
+
+
+@functools.lru_cache(maxsize=4)
+def _public_reviews(data: Path, seed: int) -> tuple[str, ...]:
+    # Read once per run: every model spec and every calibrated row asks for the same draw.
+    reference = pd.read_parquet(data / "test.parquet", columns=["text"]).sample(n=256, random_state=seed + 1)
+    return tuple(reference["text"].tolist())
 
 
 def _model(spec: dict[str, Any], args: argparse.Namespace, device: torch.device) -> nn.Module:
