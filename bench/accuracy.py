@@ -12,7 +12,9 @@ batch and AdamW, no clipping or noise). The DP rows start as the federated bench
 the classifier from label prompts (``--head prompts``) and every dropout at ``--dropout`` (0); the
 non-private row keeps a random classifier and the checkpoint's dropout, like its no-DP cell. Every
 row truncates a longer review to its first and last tokens (``--tail-tokens``, default 3/4 of the
-tokens from the end), as the federated benchmark does.
+tokens from the end), as the federated benchmark does. By default (``--draws federated``) the rows
+train on the union of the federated benchmark's IID site partitions at ``--seed`` and are evaluated on
+its test reviews, so the two benchmarks' figures compare on the same reviews.
 """
 
 from __future__ import annotations
@@ -36,9 +38,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from datasites.data import load_imdb
+from datasites.partition import partition_indices
 from policies.accounting import calibrate_noise_multiplier, epsilon_of
 from policies.dp import CalibratedPlan, DPPlan, _trim_padding, encode_texts, recipe_tail_tokens, train_dp_sgd
 from researcher.calibration import calibrate_bias
+from researcher.evaluation import load_test_subset
 from researcher.models import SENTIMENT_PROMPTS, build_from_spec, load_tokenizer, with_public_start
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "imdb"
@@ -60,6 +65,33 @@ def _load(path: Path, size: int, seed: int) -> tuple[list[str], list[int]]:
     return frame["text"].astype(str).tolist(), frame["label"].astype(int).tolist()
 
 
+def _columns(frame: pd.DataFrame) -> tuple[list[str], list[int]]:
+    return frame["text"].astype(str).tolist(), frame["label"].astype(int).tolist()
+
+
+def load_draws(args: argparse.Namespace) -> tuple[tuple[list[str], list[int]], tuple[list[str], list[int]]]:
+    """(train, test) texts and labels.
+
+    ``--draws federated`` (the default): the reviews ``bench/federated.py --seed S`` uses, so the two
+    benchmarks compare on the same data. Train is the union of the IID partitions of ``--sites`` sites,
+    the first ``train_size / sites`` reviews of each (as each site keeps its first ``--reviews-per-site``;
+    the first sites take one more where it does not divide);
+    test is ``load_test_subset(data, test_size, 0)``, the federated benchmark's evaluated reviews.
+    ``--draws random`` is the earlier draw: plain random samples of each split at ``--seed``.
+    """
+    if args.draws == "random":
+        return _load(args.data / "train.parquet", args.train_size, args.seed), _load(
+            args.data / "test.parquet", args.test_size, args.seed)
+    reviews = load_imdb(args.data, split="train")
+    parts = partition_indices(reviews["label"].to_numpy(), n_sites=args.sites, scheme="iid", seed=args.seed)
+    sizes = [args.train_size // args.sites + (i < args.train_size % args.sites) for i in range(args.sites)]
+    if any(len(part) < size for part, size in zip(parts, sizes, strict=True)):
+        raise SystemExit(f"--train-size {args.train_size} needs {max(sizes)} reviews per site; the smallest of the "
+                         f"{args.sites} partitions holds {min(len(part) for part in parts)}: choose a smaller --train-size")
+    train = pd.concat([reviews.iloc[part[:size]] for part, size in zip(parts, sizes, strict=True)])
+    return _columns(train), _columns(load_test_subset(args.data, args.test_size, 0))
+
+
 def _spec(args: argparse.Namespace, *, private: bool) -> dict[str, Any]:
     """The model spec of the DP rows (``private``: ``--dropout`` and ``--head``) or of the non-private row."""
     trainable = {"kind": args.trainable, "top_k": args.top_k, "lora_rank": args.lora_rank,
@@ -77,12 +109,14 @@ def _spec(args: argparse.Namespace, *, private: bool) -> dict[str, Any]:
 
 def public_reviews(args: argparse.Namespace) -> list[str]:
     """256 public test reviews (another draw than the evaluated ones): the centre, the prompt head's scale, calibration."""
-    return list(_public_reviews(Path(args.data), args.seed))
+    return list(_public_reviews(Path(args.data), args.seed, args.draws))
 
 
 @functools.lru_cache(maxsize=4)
-def _public_reviews(data: Path, seed: int) -> tuple[str, ...]:
+def _public_reviews(data: Path, seed: int, draws: str) -> tuple[str, ...]:
     # Read once per run: every model spec and every calibrated row asks for the same draw.
+    if draws == "federated":  # bench/federated.py's public reviews at the same --seed
+        return tuple(load_test_subset(data, 256, seed=seed + 1)["text"].tolist())
     reference = pd.read_parquet(data / "test.parquet", columns=["text"]).sample(n=256, random_state=seed + 1)
     return tuple(reference["text"].tolist())
 
@@ -132,8 +166,7 @@ def train_non_private(model: nn.Module, dataset: TensorDataset, steps: int, args
 def run(args: argparse.Namespace) -> list[Row]:
     device = torch.device(args.device)
     tokenizer = load_tokenizer(args.model)
-    train_texts, train_labels = _load(args.data / "train.parquet", args.train_size, args.seed)
-    test_texts, test_labels = _load(args.data / "test.parquet", args.test_size, args.seed)
+    (train_texts, train_labels), (test_texts, test_labels) = load_draws(args)
     train = encode_texts(tokenizer, train_texts, train_labels, max_length=args.seq_len, tail_tokens=args.tail_tokens)
     test = encode_texts(tokenizer, test_texts, test_labels, max_length=args.seq_len, tail_tokens=args.tail_tokens)
     evaluated = set(test_texts)
@@ -239,6 +272,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--draws", choices=["federated", "random"], default="federated",
+                        help="federated: bench/federated.py's reviews at --seed (the union of the sites' IID "
+                             "partitions, its evaluated and public test reviews); random: plain random samples")
+    parser.add_argument("--sites", type=int, default=3, help="--draws federated: the number of sites")
     parser.add_argument("--quick", action="store_true", help="1000 train / 500 test, seq 64, batch 64, 1 epoch")
     args = parser.parse_args(argv)
     if args.quick:

@@ -56,3 +56,31 @@ def test_dp_rows_start_from_the_prompt_head_without_dropout_and_the_non_private_
     earlier = bench.parse_args(["--quick", "--data", str(imdb_dir), "--head", "random", "--dropout", "0.1"])
     assert torch.equal(_classifier(bench._model(bench._spec(earlier, private=True), earlier, torch.device("cpu"))).weight,
                        _classifier(non_private).weight)
+
+
+def test_the_centralised_rows_train_and_evaluate_on_the_federated_benchmarks_reviews(bench, imdb_dir):
+    # Prepare: what bench/federated.py --seed 1 gives 3 sites (their IID partitions) and evaluates on
+    from datasites.data import load_imdb
+    from datasites.partition import partition_indices
+
+    reviews = load_imdb(imdb_dir, split="train")
+    parts = partition_indices(reviews["label"].to_numpy(), n_sites=3, scheme="iid", seed=1)
+    args = bench.parse_args(["--data", str(imdb_dir), "--train-size", "301", "--test-size", "120", "--seed", "1"])
+
+    # Execute
+    (train_texts, train_labels), (test_texts, test_labels) = bench.load_draws(args)
+
+    # Assert: train is each site's first reviews (101 + 100 + 100), test and public the federated draws
+    expected = [reviews.iloc[part[:size]] for part, size in zip(parts, (101, 100, 100), strict=True)]
+    assert train_texts == [text for frame in expected for text in frame["text"]]
+    assert train_labels == [int(label) for frame in expected for label in frame["label"]]
+    test = load_test_subset(imdb_dir, 120, seed=0)
+    assert (test_texts, test_labels) == (test["text"].tolist(), test["label"].tolist())
+    assert bench.public_reviews(args) == load_test_subset(imdb_dir, 256, seed=2)["text"].tolist()
+    # --draws random is the earlier plain sample, another draw
+    earlier = bench.parse_args(["--data", str(imdb_dir), "--train-size", "301", "--test-size", "120", "--draws", "random"])
+    (random_train, _), _ = bench.load_draws(earlier)
+    assert len(random_train) == 301 and random_train != train_texts
+    # A train size the partitions cannot hold is refused with the fix
+    with pytest.raises(SystemExit, match="choose a smaller --train-size"):
+        bench.load_draws(bench.parse_args(["--data", str(imdb_dir), "--train-size", "30000"]))
