@@ -61,8 +61,7 @@ class Row:
 
 def _load(path: Path, size: int, seed: int) -> tuple[list[str], list[int]]:
     frame = pd.read_parquet(path, columns=["text", "label"])
-    frame = frame.sample(n=min(size, len(frame)), random_state=seed)  # the files are sorted by label
-    return frame["text"].astype(str).tolist(), frame["label"].astype(int).tolist()
+    return _columns(frame.sample(n=min(size, len(frame)), random_state=seed))  # the files are sorted by label
 
 
 def _columns(frame: pd.DataFrame) -> tuple[list[str], list[int]]:

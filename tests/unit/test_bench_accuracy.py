@@ -77,6 +77,18 @@ def test_the_centralised_rows_train_and_evaluate_on_the_federated_benchmarks_rev
     test = load_test_subset(imdb_dir, 120, seed=0)
     assert (test_texts, test_labels) == (test["text"].tolist(), test["label"].tolist())
     assert bench.public_reviews(args) == load_test_subset(imdb_dir, 256, seed=2)["text"].tolist()
+    # With an even split the train set is exactly bench/federated.py's sites' reviews, in site order
+    spec = importlib.util.spec_from_file_location("federated_bench", BENCH.parent / "federated.py")
+    federated = importlib.util.module_from_spec(spec)
+    sys.modules["federated_bench"] = federated
+    try:
+        spec.loader.exec_module(federated)
+        sites = federated.partitions(federated.parse_args(["--data", str(imdb_dir), "--seed", "1", "--reviews-per-site", "100"]),
+                                     "iid")
+    finally:
+        del sys.modules["federated_bench"]
+    even = bench.parse_args(["--data", str(imdb_dir), "--train-size", "300", "--test-size", "120", "--seed", "1"])
+    assert bench.load_draws(even)[0][0] == [text for site in sites for text in site["text"]]
     # --draws random is the earlier plain sample, another draw
     earlier = bench.parse_args(["--data", str(imdb_dir), "--train-size", "301", "--test-size", "120", "--draws", "random"])
     (random_train, _), _ = bench.load_draws(earlier)
