@@ -153,7 +153,7 @@ def dp_cell(args: argparse.Namespace, scheme: str, epsilon: float, work: Path) -
         dp = {"clip_norm": args.clip, "delta": args.delta, "expected_batch_size": args.batch,
               "local_steps": local_steps(args), "rounds": args.rounds, "target_epsilon": epsilon,
               "learning_rate": args.dp_lr, "max_length": args.seq_len, "tail_tokens": args.tail_tokens,
-              "max_physical_batch_size": args.physical_batch}
+              "max_physical_batch_size": args.physical_batch, "average_last_steps": args.average_last}
         plan = make_plan(sites=handles, model=spec, dp=dp, vector_length=vector_length, clip=args.update_clip)
         for handle in handles:
             submit(handle, plan, work / "functions")
@@ -263,6 +263,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=None,
                         help="no-DP AdamW learning rate (default 5e-4 for LoRA, 5e-5 for full fine-tuning)")
     parser.add_argument("--dp-lr", type=float, default=DP_LR, help="DP AdamW learning rate")
+    parser.add_argument("--average-last", type=int, default=0,
+                        help="each site releases the mean of its last N local iterates of a round (the plan's "
+                             "average_last_steps; post-processing, no privacy cost); 0: the last iterate")
     parser.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
                         help="after each round shift the classifier bias so half the public reviews are predicted "
                              "positive (researcher.calibration; the 'before calibration' column is the model before it)")

@@ -107,6 +107,7 @@ class DPPlan:
     accountant: str = "prv"  # "prv" (Gopi et al. 2021) or "rdp" (Mironov et al. 2019)
     clipping_mode: str = DEFAULT_CLIPPING_MODE  # "ghost" or "hooks" (see CLIPPING_MODES)
     secure_mode: bool = False  # floating-point-safe noise and unpredictable generators (see _generators)
+    average_last_steps: int = 0  # release the mean of the last k iterates of a round (0: the last one); [0, local_steps]
 
     def __post_init__(self) -> None:
         clip = _plan_number("clip_norm", self.clip_norm)
@@ -137,6 +138,12 @@ class DPPlan:
             if value < low:
                 raise DPPlanError(f"{name} must be >= {low}, got {value}")
         check_tail_tokens(self.tail_tokens, self.max_length)
+        average = _plan_number("average_last_steps", self.average_last_steps, integer=True)
+        if not 0 <= average <= self.local_steps:
+            raise DPPlanError(
+                f"average_last_steps must be in [0, local_steps] = [0, {self.local_steps}], got {average}: "
+                f"0 releases the last iterate, e.g. {self.local_steps // 2} the mean of the last half"
+            )
         if _plan_number("learning_rate", self.learning_rate) <= 0:
             raise DPPlanError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.optimizer not in OPTIMIZERS:
@@ -613,6 +620,40 @@ def _physical_step(
     return loss.detach() * labels.shape[0], int(labels.shape[0])
 
 
+class _TailAverage:
+    """The running sum of the parameters after each of the last ``count`` of ``steps`` logical steps.
+
+    Each iterate is a function of the noisy gradients released so far, so their mean is post-processing
+    of the same DP mechanism: it costs no privacy (Polyak-Ruppert averaging of the round's tail).
+    """
+
+    def __init__(self, named: list[tuple[str, nn.Parameter]], *, steps: int, count: int) -> None:
+        self.named, self.first, self.count = named, steps - count + 1, count
+        self.sums: list[torch.Tensor] | None = None
+
+    def after_step(self, step: int) -> None:
+        """Called with the 1-based number of logical steps taken so far."""
+        if self.count < 1 or step < self.first:
+            return
+        with torch.no_grad():
+            values = [parameter.detach().double() for _, parameter in self.named]
+            if self.sums is None:
+                self.sums = values
+            else:
+                for total, value in zip(self.sums, values, strict=True):
+                    total.add_(value)
+
+    def apply(self) -> None:
+        """Write the mean of the recorded iterates into the parameters (a no-op when none are averaged)."""
+        if self.count < 1:
+            return
+        if self.sums is None:
+            raise RuntimeError(f"no iterate recorded for the last {self.count} steps: nothing to average")
+        with torch.no_grad():
+            for (_, parameter), total in zip(self.named, self.sums, strict=True):
+                parameter.copy_((total / self.count).to(parameter.dtype))
+
+
 def _run_steps(
     training: _DPTraining,
     *,
@@ -621,8 +662,12 @@ def _run_steps(
     clipping_mode: str,
     device: torch.device,
     amp_dtype: torch.dtype | None,
+    tail: _TailAverage | None = None,
 ) -> float:
-    """Exactly ``steps`` logical DP-SGD steps; returns the mean training loss (site-internal, not DP)."""
+    """Exactly ``steps`` logical DP-SGD steps; returns the mean training loss (site-internal, not DP).
+
+    With ``tail``, the parameters end as the mean of the iterates it records instead of the last one.
+    """
     loss_sum, seen = torch.zeros((), device=device), 0
     training.module.train()
     with BatchMemoryManager(
@@ -637,10 +682,15 @@ def _run_steps(
                 before = _steps_taken(training.accountant)
                 training.optimizer.step()
                 training.optimizer.zero_grad(set_to_none=True)
-                if _steps_taken(training.accountant) > before:
+                taken = _steps_taken(training.accountant)
+                if taken > before:
                     training.generators.reseed()
-                if _steps_taken(training.accountant) >= steps:
+                    if tail is not None:
+                        tail.after_step(taken)
+                if taken >= steps:
                     break
+    if tail is not None:
+        tail.apply()
     return float(loss_sum) / seen if seen else 0.0
 
 
@@ -695,6 +745,8 @@ def train_dp_sgd(
 ) -> tuple[float, list[HistoryEntry]]:
     """``plan.plan.local_steps`` DP-SGD steps on ``dataset`` (no fingerprint, no ledger: the caller's job).
 
+    With ``plan.plan.average_last_steps`` = k > 0 the model ends as the mean of its last k iterates.
+
     Returns the mean training loss (site-internal, not DP) and the history Opacus's accountant saw.
     Used by ``local_dp_round`` and by the centralised benchmarks, so both run the same code.
     """
@@ -721,6 +773,7 @@ def train_dp_sgd(
             clipping_mode=p.clipping_mode,
             device=device,
             amp_dtype=amp_dtype,
+            tail=_TailAverage(trainable_parameters(model), steps=p.local_steps, count=p.average_last_steps),
         )
         return mean_loss, list(training.accountant.history)
     finally:

@@ -35,6 +35,10 @@ GOOD = {"clip_norm": 1.0, "delta": 1e-5, "expected_batch_size": 64, "local_steps
         ({"accountant": "gdp"}, r"accountant must be one of \('prv', 'rdp'\), got 'gdp'"),
         ({"clipping_mode": "functorch"}, r"clipping_mode must be one of \('ghost', 'hooks'\), got 'functorch'"),
         ({"secure_mode": 1}, r"secure_mode must be a bool, got 1"),
+        ({"average_last_steps": -1}, r"average_last_steps must be in \[0, local_steps\] = \[0, 10\], got -1"),
+        ({"average_last_steps": 11}, r"average_last_steps must be in \[0, local_steps\] = \[0, 10\], got 11: "
+                                     r"0 releases the last iterate, e.g. 5 the mean of the last half"),
+        ({"average_last_steps": 1.5}, r"average_last_steps must be an int, got 1.5"),
     ],
 )
 def test_plan_rejects_out_of_range_parameters(fields: dict, message: str) -> None:
@@ -64,6 +68,7 @@ def test_plan_parses_from_json_data_and_refuses_unknown_fields() -> None:
     # Assert
     assert plan.clip_norm == 1.0 and plan.total_steps == 50
     assert DPPlan.from_dict(plan.to_dict()) == plan
+    assert plan.average_last_steps == 0 and DPPlan.from_dict(raw | {"average_last_steps": 5}).average_last_steps == 5
     with pytest.raises(DPPlanError, match=r"unknown DP plan fields \['seed'\]"):
         DPPlan.from_dict(GOOD | {"seed": 0})
 

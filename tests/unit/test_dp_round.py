@@ -225,3 +225,37 @@ def test_private_round_truncates_as_the_plan_says(tmp_path: Path, monkeypatch) -
 
     # Assert
     assert seen == [(N, 24, 6)]
+
+
+@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+def test_round_releases_the_mean_of_its_last_iterates_when_the_plan_asks(tmp_path: Path, monkeypatch, mode: str) -> None:
+    # Prepare: 5 local steps, the last 3 averaged; a spy keeps every iterate the averaging is offered
+    model, tokenizer, ledger, plan = _setup(tmp_path, mode=mode)
+    plan = dataclasses.replace(plan, plan=dataclasses.replace(plan.plan, local_steps=5, average_last_steps=3))
+    texts, labels = _partition()
+    before = _parameters(model)
+    iterates: list[tuple[int, dict[str, torch.Tensor]]] = []
+    real = dp_module._TailAverage.after_step
+
+    def spy(self, step: int) -> None:
+        iterates.append((step, _parameters(model)))
+        real(self, step)
+
+    monkeypatch.setattr(dp_module._TailAverage, "after_step", spy)
+
+    # Execute
+    result = local_dp_round(
+        model, texts, labels, tokenizer=tokenizer, plan=plan, ledger=ledger,
+        private_fingerprint=partition_fingerprint(texts, labels), run_id="run-1", round_index=0,
+    )
+
+    # Assert: one iterate per logical step; the model and the delta are the mean of the last three
+    assert [step for step, _ in iterates] == [1, 2, 3, 4, 5]
+    after = _parameters(model)
+    for name in result.names:
+        mean = torch.stack([values[name] for _, values in iterates[-3:]]).double().mean(0).float()
+        torch.testing.assert_close(after[name], mean)
+        torch.testing.assert_close(result.delta[name], mean - before[name])
+    last = iterates[-1][1]
+    assert any(not torch.allclose(after[name], last[name]) for name in result.names)
+    assert [record.steps for record in ledger.records()] == [5]
