@@ -142,7 +142,7 @@ class DPPlan:
         if not 0 <= average <= self.local_steps:
             raise DPPlanError(
                 f"average_last_steps must be in [0, local_steps] = [0, {self.local_steps}], got {average}: "
-                f"0 releases the last iterate, e.g. {self.local_steps // 2} the mean of the last half"
+                f"0 releases the last iterate, {self.local_steps} the mean of all the round's iterates"
             )
         if _plan_number("learning_rate", self.learning_rate) <= 0:
             raise DPPlanError(f"learning_rate must be > 0, got {self.learning_rate}")

@@ -105,8 +105,10 @@ def dry_run(texts: list[str], labels: list[int], *, plan: FederatedPlan, make_mo
         raise SiteRefusal(f"the model has {trainable} trainable parameters, the plan's secure_sum.vector_length "
                           f"is {plan.secure_sum.vector_length}")
     n = min(rows, len(texts))
+    # One step; an averaging plan keeps its code path with the one iterate there is.
     step_plan = dataclasses.replace(plan.dp, local_steps=1, rounds=1, target_epsilon=None, noise_multiplier=1.0,
-                                    expected_batch_size=min(plan.dp.expected_batch_size, n), delta=0.1 / n)
+                                    expected_batch_size=min(plan.dp.expected_batch_size, n), delta=0.1 / n,
+                                    average_last_steps=min(plan.dp.average_last_steps, 1))
     calibrated = CalibratedPlan(plan=step_plan, n_records=n, noise_multiplier=1.0,
                                 sample_rate=step_plan.expected_batch_size / n, run_epsilon=0.0,
                                 projected_epsilon=0.0, budget_epsilon=0.0)

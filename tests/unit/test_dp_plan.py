@@ -37,7 +37,7 @@ GOOD = {"clip_norm": 1.0, "delta": 1e-5, "expected_batch_size": 64, "local_steps
         ({"secure_mode": 1}, r"secure_mode must be a bool, got 1"),
         ({"average_last_steps": -1}, r"average_last_steps must be in \[0, local_steps\] = \[0, 10\], got -1"),
         ({"average_last_steps": 11}, r"average_last_steps must be in \[0, local_steps\] = \[0, 10\], got 11: "
-                                     r"0 releases the last iterate, e.g. 5 the mean of the last half"),
+                                     r"0 releases the last iterate, 10 the mean of all the round's iterates"),
         ({"average_last_steps": 1.5}, r"average_last_steps must be an int, got 1.5"),
     ],
 )

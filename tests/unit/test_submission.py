@@ -194,3 +194,23 @@ def test_bad_global_models_are_refused(encoded: Any, length: int, message: str) 
 def test_the_runtime_refuses_to_run_outside_a_guarded_execution() -> None:
     with pytest.raises(ExecutionRefusedError, match=r"only inside a site-authorised execution"):
         run_stage({"text": ["a"], "label": [1]}, stage="advertise_keys", message={}, plan={}, make_model=lambda: None)  # type: ignore[arg-type,return-value]
+
+
+def test_the_dry_run_takes_its_one_step_under_an_averaging_plan() -> None:
+    # Prepare: a plan that averages both local steps of a round; the mock twin's reviews
+    from policies.site_runtime import dry_run
+    from researcher.fedavg import flatten_trainable
+    from researcher.models import build_from_spec
+
+    model_spec = make_raw_plan()["model"]
+    length = len(flatten_trainable(build_from_spec(model_spec)[0])[0])
+    raw = make_raw_plan(secure_sum={"vector_length": length, "clip": 0.5, "quantisation_bits": 24, "threshold": 2,
+                                    "modulus_bits": 32, "neighbourhood_size": None})
+    raw["dp"]["average_last_steps"] = 2
+    texts, labels = [f"review {i} {'good' if i % 2 else 'bad'}" for i in range(40)], [i % 2 for i in range(40)]
+
+    # Execute
+    result = dry_run(texts, labels, plan=FederatedPlan.parse(raw), make_model=lambda: build_from_spec(model_spec))
+
+    # Assert
+    assert result["dry_run"] and result["trainable_parameters"] == length and result["mock_rows"] == 40
