@@ -633,7 +633,7 @@ class _TailAverage:
 
     def after_step(self, step: int) -> None:
         """Called with the 1-based number of logical steps taken so far."""
-        if self.count < 1 or step < self.first:
+        if step < self.first:
             return
         with torch.no_grad():
             values = [parameter.detach().double() for _, parameter in self.named]
@@ -644,9 +644,7 @@ class _TailAverage:
                     total.add_(value)
 
     def apply(self) -> None:
-        """Write the mean of the recorded iterates into the parameters (a no-op when none are averaged)."""
-        if self.count < 1:
-            return
+        """Write the mean of the recorded iterates into the parameters."""
         if self.sums is None:
             raise RuntimeError(f"no iterate recorded for the last {self.count} steps: nothing to average")
         with torch.no_grad():
@@ -773,7 +771,8 @@ def train_dp_sgd(
             clipping_mode=p.clipping_mode,
             device=device,
             amp_dtype=amp_dtype,
-            tail=_TailAverage(trainable_parameters(model), steps=p.local_steps, count=p.average_last_steps),
+            tail=_TailAverage(trainable_parameters(model), steps=p.local_steps, count=p.average_last_steps)
+            if p.average_last_steps else None,
         )
         return mean_loss, list(training.accountant.history)
     finally:
