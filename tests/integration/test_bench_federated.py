@@ -1,23 +1,19 @@
 """bench/federated.py --quick runs a real DP cell through in-process datasites and prints its table."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+
+from tests.conftest import bench_script
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "federated.py"
+
+@pytest.fixture()
+def bench():
+    with bench_script("federated") as module:
+        yield module
 
 
-def test_quick_benchmark_reports_accuracy_per_round_and_the_time_breakdown(capsys, monkeypatch, imdb_dir):
-    # Prepare: load bench/federated.py as a module (bench/ is not a package)
-    spec = importlib.util.spec_from_file_location("federated_bench", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "federated_bench", bench)  # dataclasses look their module up
-    spec.loader.exec_module(bench)
-
+def test_quick_benchmark_reports_accuracy_per_round_and_the_time_breakdown(capsys, bench, imdb_dir):
     # Execute: the quick preset (its DP cell and its no-DP cell)
     cells = bench.main(["--quick", "--epsilons", "8,inf", "--data", str(imdb_dir)])
 

@@ -1,28 +1,19 @@
 """bench/accuracy.py builds its DP rows' model with the DP recipe's start, and its non-private row without."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
 
 from researcher.evaluation import evaluate, load_test_subset
+from tests.conftest import bench_script
 
 pytestmark = [pytest.mark.unit, pytest.mark.slow]
-
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "accuracy.py"
 
 
 @pytest.fixture(scope="module")
 def bench(imdb_dir):
-    spec = importlib.util.spec_from_file_location("accuracy_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["accuracy_bench"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["accuracy_bench"]
+    with bench_script("accuracy") as module:
+        yield module
 
 
 def _classifier(model: nn.Module) -> nn.Linear:
@@ -78,15 +69,9 @@ def test_the_centralised_rows_train_and_evaluate_on_the_federated_benchmarks_rev
     assert (test_texts, test_labels) == (test["text"].tolist(), test["label"].tolist())
     assert bench.public_reviews(args) == load_test_subset(imdb_dir, 256, seed=2)["text"].tolist()
     # With an even split the train set is exactly bench/federated.py's sites' reviews, in site order
-    spec = importlib.util.spec_from_file_location("federated_bench", BENCH.parent / "federated.py")
-    federated = importlib.util.module_from_spec(spec)
-    sys.modules["federated_bench"] = federated
-    try:
-        spec.loader.exec_module(federated)
+    with bench_script("federated") as federated:
         sites = federated.partitions(federated.parse_args(["--data", str(imdb_dir), "--seed", "1", "--reviews-per-site", "100"]),
                                      "iid")
-    finally:
-        del sys.modules["federated_bench"]
     even = bench.parse_args(["--data", str(imdb_dir), "--train-size", "300", "--test-size", "120", "--seed", "1"])
     assert bench.load_draws(even)[0][0] == [text for site in sites for text in site["text"]]
     # --draws random is the earlier plain sample, another draw
