@@ -97,9 +97,12 @@ def public_reviews(args: argparse.Namespace) -> list[str]:
     return load_test_subset(args.data, CENTRE_REVIEWS, seed=args.seed + 1)["text"].tolist()
 
 
-def dp_start(args: argparse.Namespace) -> dict[str, Any]:
-    """The DP cells' model spec: ``--dropout``; centred on public reviews; the head from label prompts (``--head``)."""
-    spec = {**model_spec(args), "dropout": args.dropout}
+def dp_start(args: argparse.Namespace, kind: str | None = None) -> dict[str, Any]:
+    """The DP cells' model spec: ``--dropout``; centred on public reviews; the head from label prompts (``--head``).
+
+    ``kind`` replaces ``--trainable`` (the no-DP cell's ``--np-start dp`` passes its own trainable set).
+    """
+    spec = {**_spec(args, kind or args.trainable), "dropout": args.dropout}
     if args.pooling != "mean":
         return spec
     prompts = SENTIMENT_PROMPTS if args.head == "prompts" else None
@@ -170,11 +173,19 @@ def dp_cell(args: argparse.Namespace, scheme: str, epsilon: float, work: Path) -
                 tuple(r.uncalibrated_accuracy for r in report.rounds if r.uncalibrated_accuracy is not None))
 
 
+def no_dp_start(args: argparse.Namespace) -> dict[str, Any]:
+    """The no-DP cell's model spec: the checkpoint's dropout and a random head, centred on public reviews, as
+    the centralised non-private row (``--np-start checkpoint``); or the DP cells' start (``--np-start dp``)."""
+    if args.np_start == "dp":
+        return dp_start(args, args.np_trainable or args.trainable)
+    return with_public_centre(non_private_spec(args), public_reviews(args), max_length=args.seq_len,
+                              tail_tokens=args.tail_tokens)
+
+
 def non_private_cell(args: argparse.Namespace, scheme: str) -> Cell:
     """FedAvg of plain local AdamW training on the same partitions (no syft, no noise)."""
     started = time.perf_counter()
-    spec = with_public_centre(non_private_spec(args), public_reviews(args), max_length=args.seq_len,
-                              tail_tokens=args.tail_tokens)
+    spec = no_dp_start(args)
     model, tokenizer = build_from_spec(spec)
     vector, layout = flatten_trainable(model)
     parts = partitions(args, scheme)
@@ -256,9 +267,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--head", choices=["prompts", "random"], default="prompts",
                         help="the DP cells' classifier starts from label prompts (zero-shot; mean pooling only) or at random")
     parser.add_argument("--dropout", type=float, default=0.0,
-                        help="every dropout probability of the DP cells' model (the no-DP cell keeps the checkpoint's)")
+                        help="every dropout probability of the DP cells' model (the no-DP cell keeps the checkpoint's unless --np-start dp)")
     parser.add_argument("--np-trainable", choices=["full", "top_k", "lora", "head"], default=None,
                         help="trainable set of the no-DP cell (default: --trainable)")
+    parser.add_argument("--np-start", choices=["checkpoint", "dp"], default="checkpoint",
+                        help="the no-DP cell starts as the centralised non-private row does (the checkpoint's dropout, "
+                             "a random head) or from the DP cells' start (--dropout, --head)")
     parser.add_argument("--np-batch", type=int, default=None, help="batch of the no-DP cell (default: --batch)")
     parser.add_argument("--lr", type=float, default=None,
                         help="no-DP AdamW learning rate (default 5e-4 for LoRA, 5e-5 for full fine-tuning)")
