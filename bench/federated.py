@@ -43,6 +43,7 @@ from datasites.admin import add_researcher, upload_partition  # noqa: E402
 from datasites.data import load_imdb  # noqa: E402
 from datasites.partition import partition_indices  # noqa: E402
 from datasites.review_queue import approve_request, list_requests  # noqa: E402
+from datasites.server import check_site_device  # noqa: E402
 from fedsite.demo import SITE_NAMES, http_sites, in_process_sites  # noqa: E402
 from policies.budget import PrivacyBudget  # noqa: E402
 from policies.dp import encode_texts, recipe_tail_tokens  # noqa: E402
@@ -140,7 +141,7 @@ def dp_cell(args: argparse.Namespace, scheme: str, epsilon: float, work: Path) -
     passwords = {name: secrets.token_urlsafe(18) for name in SITES}
     researcher_password = secrets.token_urlsafe(18)
     sites_context = http_sites if args.http else in_process_sites
-    with sites_context(work, passwords) as raw_sites:
+    with sites_context(work, passwords, device=args.site_device) as raw_sites:
         handles, admins = [], []
         for (name, (site_dir, admin_login, researcher_login)), rows in zip(raw_sites.items(), partitions(args, scheme),
                                                                            strict=True):
@@ -289,6 +290,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="3 x 1,000 reviews, seq 128, 1 local epoch, 3 rounds; no-DP cell: full fine-tuning, batch 16")
     parser.add_argument("--quick", action="store_true", help="tiny model, 120 reviews per site, 2 rounds, epsilon 8")
     parser.add_argument("--http", action="store_true", help="the sites as `fedsite serve` processes over loopback HTTP")
+    parser.add_argument("--site-device", default="cpu",
+                        help="where the DP cells' sites train: cpu (default), cuda or cuda:N (`fedsite serve --device`)")
     given = sys.argv[1:] if argv is None else argv
     # The presets are defaults: a flag given next to them (e.g. --local-epochs 0.1) still wins.
     if "--flower-setup" in given:
@@ -307,6 +310,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[Cell]:
     args = parse_args(argv)
+    check_site_device(args.site_device)  # before any cell runs
     cells = []
     for scheme in args.schemes:
         for epsilon in args.epsilons:

@@ -34,12 +34,13 @@ _installed = False
 class GuardedSite:
     name: str
     data_dir: Path
+    device: str = "cpu"  # where approved rounds train: the site's hardware, the owner's choice
 
 
-def register_site(server_uid: str, *, name: str, data_dir: Path) -> None:
+def register_site(server_uid: str, *, name: str, data_dir: Path, device: str = "cpu") -> None:
     """Put the site served by ``server_uid`` under the guard (installing the guard once per process)."""
     install_guard()
-    _sites[server_uid] = GuardedSite(name=name, data_dir=Path(data_dir))
+    _sites[server_uid] = GuardedSite(name=name, data_dir=Path(data_dir), device=device)
 
 
 def unregister_site(server_uid: str) -> None:
@@ -122,4 +123,5 @@ def authorise(context: Any, code_item: Any, kwargs: dict[str, Any]) -> Execution
         audit.record(ExecutionRefused(request_id=request_id, code_hash=digest, researcher=researcher,
                                       dataset="?", round=None, reason=reason))
         raise _refuse(reason)
-    return ExecutionContext(site=site.name, data_dir=site.data_dir, approval=approval, researcher=researcher)
+    return ExecutionContext(site=site.name, data_dir=site.data_dir, approval=approval, researcher=researcher,
+                            device=site.device)

@@ -29,6 +29,30 @@ def default_admin_email(name: str) -> str:
     return f"admin@{name}.fedsite.org"
 
 
+def check_site_device(device: str) -> str:
+    """The torch device a site trains approved rounds on, checked against this machine's hardware.
+
+    Raises FedsiteError naming the fix for a malformed device, a kind other than CPU or CUDA, or a GPU
+    that torch cannot see here. Returns the device as given.
+    """
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise FedsiteError(f"--device {device!r} is not a torch device ({exc}): use cpu, cuda or cuda:N") from None
+    if parsed.type == "cpu":
+        return device
+    if parsed.type != "cuda":
+        raise FedsiteError(f"--device {device!r}: a site trains on cpu or cuda, not {parsed.type}: use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise FedsiteError(f"--device {device!r}: torch sees no CUDA GPU on this machine: use --device cpu")
+    count = torch.cuda.device_count()
+    if parsed.index is not None and parsed.index >= count:
+        raise FedsiteError(f"--device {device!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    return device
+
+
 def _prepare_syft_environment() -> None:
     prepare_syft_environment()
     for variable in ("SERVER_UID", "SERVER_PRIVATE_KEY"):  # would override the data dir's identity
@@ -146,9 +170,15 @@ def launch_in_process(
     admin_email: str | None = None,
     db_url: str | None = None,
     n_consumers: int = 0,
+    device: str = "cpu",
 ) -> InProcessSite:
-    """Open (creating on first use) the site in ``data_dir`` and run it in this process."""
+    """Open (creating on first use) the site in ``data_dir`` and run it in this process.
+
+    ``device`` is where approved rounds train (``cpu``, ``cuda``, ``cuda:N``): the site's hardware, so the
+    owner's choice, not the researcher's; it changes speed, never the privacy accounting.
+    """
     check_password_strength(admin_password)
+    check_site_device(device)
     site = open_site_dir(data_dir, name=name, admin_email=admin_email)
     if not site.exists():
         site.create(name=str(name), admin_email=admin_email or default_admin_email(str(name)))
@@ -168,7 +198,7 @@ def launch_in_process(
             )
         running = InProcessSite(site=site, meta=site.meta(), worker=worker, handle=handle)
         _check_admin_password(running, admin_password)
-        register_site(str(worker.id.no_dash), name=running.meta.name, data_dir=site.path)
+        register_site(str(worker.id.no_dash), name=running.meta.name, data_dir=site.path, device=device)
         return running
     except BaseException:
         site.release()
@@ -198,13 +228,16 @@ def serve(
     admin_email: str | None = None,
     db_url: str | None = None,
     n_consumers: int = 0,
+    device: str = "cpu",
 ) -> None:
-    """Serve the site over HTTP in this process until SIGTERM/SIGINT; then stop cleanly.
+    """Serve the site over HTTP in this process until SIGTERM/SIGINT; then stop cleanly (``device`` as in
+    ``launch_in_process``).
 
     The round runtime is loaded before the port opens: the first approved call then costs what any
     other does, instead of the imports (seconds) while the researcher and the other sites wait on it.
     """
     check_password_strength(admin_password)
+    check_site_device(device)
     site = open_site_dir(data_dir, name=name, admin_email=admin_email)
     if site.exists():
         site.acquire()  # a second serve on this dir is refused before anything else
@@ -212,7 +245,7 @@ def serve(
     check_port_free(host, port)
     running = launch_in_process(
         data_dir, admin_password=admin_password, name=name, admin_email=admin_email, db_url=db_url,
-        n_consumers=n_consumers,
+        n_consumers=n_consumers, device=device,
     )
     try:
         print(f"loaded the round runtime (torch, transformers, opacus, peft) in {load_runtime():.1f} s", flush=True)

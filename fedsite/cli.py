@@ -48,7 +48,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     print(f"serving {args.name or args.data_dir} on http://{args.host}:{args.port} (Ctrl-C or SIGTERM stops it)",
           flush=True)
     serve(args.data_dir, admin_password=password, name=args.name, port=args.port, host=args.host,
-          admin_email=args.admin_email, db_url=args.db_url, n_consumers=args.workers)
+          admin_email=args.admin_email, db_url=args.db_url, n_consumers=args.workers, device=args.device)
 
 
 def _admin_client(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -381,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--admin-email", default=None, help="admin login (default admin@NAME.fedsite.org)")
     srv.add_argument("--admin-password-file", default=None, help="else $FEDSITE_ADMIN_PASSWORD")
     srv.add_argument("--workers", type=int, default=0, help="syft job workers (for non-blocking jobs)")
+    srv.add_argument("--device", default="cpu",
+                     help="where approved rounds train: cpu (default), cuda or cuda:N (this machine's GPU)")
     srv.set_defaults(func=cmd_serve)
 
     admin = sub.add_parser("admin", help="site admin commands (those that log in need the site running)")
@@ -461,6 +463,8 @@ def _add_demo_parser(sub: Any) -> None:
     demo.add_argument("--epsilon", type=float, default=8.0, help="each site's privacy budget")
     demo.add_argument("--scheme", default="iid", choices=["iid", "label-skew", "quantity-skew"])
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--site-device", default="cpu",
+                      help="where the sites train: cpu (default), cuda or cuda:N (`fedsite serve --device`)")
     demo.set_defaults(func=cmd_demo)
 
 

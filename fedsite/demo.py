@@ -25,7 +25,7 @@ from datasites.data import load_imdb, resolve_source
 from datasites.errors import FedsiteError
 from datasites.partition import partition_indices
 from datasites.review_queue import approve_request, list_requests, review_request
-from datasites.server import launch_in_process
+from datasites.server import check_site_device, launch_in_process
 from datasites.sitedir import SiteDir
 from fedsite.processes import ServedSite, free_port
 from policies.budget import PrivacyBudget
@@ -92,11 +92,12 @@ def say(text: str) -> None:
 
 
 @contextmanager
-def in_process_sites(out: Path, passwords: dict[str, str]) -> Iterator[dict[str, tuple[SiteDir, Any, Any]]]:
+def in_process_sites(out: Path, passwords: dict[str, str], *,
+                     device: str = "cpu") -> Iterator[dict[str, tuple[SiteDir, Any, Any]]]:
     with ExitStack() as stack:
         sites = {}
         for name in SITE_NAMES:
-            running = launch_in_process(out / name, admin_password=passwords[name], name=name)
+            running = launch_in_process(out / name, admin_password=passwords[name], name=name, device=device)
             stack.callback(running.stop)
             sites[name] = (running.site, lambda r=running, n=name: r.login(email=r.meta.admin_email,
                                                                            password=passwords[n]),
@@ -105,9 +106,10 @@ def in_process_sites(out: Path, passwords: dict[str, str]) -> Iterator[dict[str,
 
 
 @contextmanager
-def http_sites(out: Path, passwords: dict[str, str]) -> Iterator[dict[str, tuple[SiteDir, Any, Any]]]:
+def http_sites(out: Path, passwords: dict[str, str], *,
+               device: str = "cpu") -> Iterator[dict[str, tuple[SiteDir, Any, Any]]]:
     served = [ServedSite(name=name, data_dir=out / name, port=free_port(), log=out / f"{name}.log",
-                         admin_password=passwords[name]) for name in SITE_NAMES]
+                         admin_password=passwords[name], device=device) for name in SITE_NAMES]
     try:
         for server in served:
             server.start()
@@ -169,6 +171,7 @@ def run_demo(args: argparse.Namespace) -> None:
     # on a frozen embedding layer, and a transformers deprecation inside peft.
     warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    check_site_device(args.site_device)
     size = QUICK if args.quick else DEFAULT
     if args.rounds is not None:
         size = DemoSize(size.reviews_per_site, size.model, {**size.dp, "rounds": args.rounds}, size.test_size)
@@ -181,7 +184,7 @@ def run_demo(args: argparse.Namespace) -> None:
     say(f"Fedsite demo in {out} ({'3 fedsite serve processes over HTTP' if args.http else '3 in-process datasites'})")
     sites_context = http_sites if args.http else in_process_sites
     out.mkdir(parents=True, exist_ok=True)
-    with sites_context(out, passwords) as raw_sites:
+    with sites_context(out, passwords, device=args.site_device) as raw_sites:
         say("1. Data owners upload their partitions")
         sites = set_up_sites(raw_sites, size=size, imdb=imdb, epsilon=args.epsilon, scheme=args.scheme, seed=args.seed)
         # Mean pooling is centred on public test reviews (seed 1; the evaluation draws with seed 0), and

@@ -36,6 +36,7 @@ class ServedSite:
     port: int
     log: Path
     admin_password: str
+    device: str = "cpu"  # `fedsite serve --device`
     process: subprocess.Popen[bytes] | None = field(default=None)
 
     def start(self) -> None:
@@ -43,7 +44,7 @@ class ServedSite:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "fedsite", "serve", "--name", self.name, "--data-dir", str(self.data_dir),
-                 "--port", str(self.port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+                 "--port", str(self.port), "--device", self.device], env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout_s

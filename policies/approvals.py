@@ -107,6 +107,7 @@ class ExecutionContext:
     approval: Approval  # the approval that authorised this run
     researcher: str  # who called
     dry_run: bool = False  # the admin's review running the code on the mock twin; never set by the guard
+    device: str = "cpu"  # the torch device the site trains on (`fedsite serve --device`)
 
 
 _current: contextvars.ContextVar[ExecutionContext | None] = contextvars.ContextVar("fedsite_execution", default=None)

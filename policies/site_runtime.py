@@ -245,9 +245,10 @@ class SiteRun:
         result = local_dp_round(
             model, texts, labels, tokenizer=tokenizer, plan=self.calibrated, ledger=self.ledger,
             private_fingerprint=self.private_fingerprint, run_id=self.plan.run_id, round_index=round_index,
+            device=self.execution.device,
         )
         trained = time.perf_counter()
-        update = result.flat_delta().numpy().astype(np.float32)
+        update = result.flat_delta().cpu().numpy().astype(np.float32)
         state, masked = mask_input(state, incoming, update)
         self._audit_spend_and_release(round_index, result.ledger_record, masked.vector)
         reply = self._persist(state_path, state, masked.to_wire())

@@ -16,8 +16,10 @@ from datasites.errors import FedsiteError
 from datasites.partition import partition_indices
 from datasites.review_queue import approve_request, deny_request, list_requests, review_request
 from datasites.server import InProcessSite, launch_in_process
+from policies import site_runtime
 from policies.audit import AuditLog
 from policies.budget import BudgetBook, PrivacyBudget
+from policies.dp import local_dp_round
 from policies.federated_plan import FederatedPlan
 from policies.ledger import PrivacyLedger
 from policies.secagg import AdvertiseKeys, MaskedInput, ShareKeys, SignedSurvivors
@@ -80,7 +82,8 @@ def federation(tmp_path_factory: pytest.TempPathFactory, imdb_train: pd.DataFram
     parts = partition_indices(imdb_train["label"].to_numpy(), n_sites=60, seed=0)
     sites, admins, handles = {}, {}, []
     for index, name in enumerate(NAMES):
-        site = launch_in_process(root / name, admin_password=ADMIN_PASSWORD, name=name)
+        # "cpu:0" is the CPU named the way a GPU is: the rounds must train on the device the site was given
+        site = launch_in_process(root / name, admin_password=ADMIN_PASSWORD, name=name, device="cpu:0")
         admin = site.login(email=site.meta.admin_email, password=ADMIN_PASSWORD)
         upload_partition(admin, site.site, dataset="imdb", reviews=imdb_train.iloc[parts[index][:160]],
                          budget=PrivacyBudget(epsilon=8.0, delta=1e-5))
@@ -125,7 +128,15 @@ def test_researcher_dry_runs_the_exact_function_on_a_mock(federation: Federation
     assert result["mock_rows"] == 64
 
 
-def test_two_rounds_train_and_spend_on_every_site(federation: Federation, approved: FederatedPlan) -> None:
+def test_two_rounds_train_and_spend_on_every_site(federation: Federation, approved: FederatedPlan,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    devices = []
+
+    def recording_round(*args: Any, **kwargs: Any) -> Any:
+        devices.append(kwargs["device"])
+        return local_dp_round(*args, **kwargs)
+
+    monkeypatch.setattr(site_runtime, "local_dp_round", recording_round)
     vector = federation.vector.astype(np.float32)
     outcomes = []
     for round_index in range(2):
@@ -134,6 +145,7 @@ def test_two_rounds_train_and_spend_on_every_site(federation: Federation, approv
         outcomes.append(outcome)
 
     assert [o.participants for o in outcomes] == [NAMES, NAMES]
+    assert devices == ["cpu:0"] * 6  # three sites, two rounds, each on the device its owner launched it with
     assert all(0 < np.abs(o.average).max() <= 0.5 for o in outcomes)
     for name, site in federation.sites.items():
         ledger = PrivacyLedger(site.site.path, "imdb", RESEARCHER, site=name)
