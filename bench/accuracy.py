@@ -10,7 +10,8 @@ multiplier calibrated by ``policies.accounting`` (PRV) for ``epochs`` passes at 
 ``--epsilons inf,1,3,8``: ``inf`` is the non-private baseline (same model, trainable set, steps,
 batch and AdamW, no clipping or noise). The DP rows start as the federated benchmark's DP cells do:
 the classifier from label prompts (``--head prompts``) and every dropout at ``--dropout`` (0); the
-non-private row keeps a random classifier and the checkpoint's dropout, like its no-DP cell. Every
+non-private row keeps a random classifier and the checkpoint's dropout, like its no-DP cell, unless
+``--np-start dp`` starts it as the DP rows (then it is the DP recipe's model without noise). Every
 row truncates a longer review to its first and last tokens (``--tail-tokens``, default 3/4 of the
 tokens from the end), as the federated benchmark does. By default (``--draws federated``) the rows
 train on the union of the federated benchmark's IID site partitions at ``--seed`` and are evaluated on
@@ -92,7 +93,11 @@ def load_draws(args: argparse.Namespace) -> tuple[tuple[list[str], list[int]], t
 
 
 def _spec(args: argparse.Namespace, *, private: bool) -> dict[str, Any]:
-    """The model spec of the DP rows (``private``: ``--dropout`` and ``--head``) or of the non-private row."""
+    """The model spec of the DP rows (``private``: ``--dropout`` and ``--head``) or of the non-private row.
+
+    ``--np-start dp`` gives the non-private row the DP rows' spec.
+    """
+    private = private or args.np_start == "dp"
     trainable = {"kind": args.trainable, "top_k": args.top_k, "lora_rank": args.lora_rank,
                  "lora_alpha": 2 * args.lora_rank, "lora_targets": list(args.lora_targets)}
     spec: dict[str, Any] = {"name": args.model, "trainable": trainable, "seed": args.seed, "pooling": args.pooling}
@@ -262,7 +267,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--head", choices=["prompts", "random"], default="prompts",
                         help="the DP rows' classifier starts from label prompts (zero-shot; mean pooling only) or at random")
     parser.add_argument("--dropout", type=float, default=0.0,
-                        help="every dropout probability of the DP rows' model (the non-private row keeps the checkpoint's)")
+                        help="every dropout probability of the DP rows' model (the non-private row keeps the checkpoint's "
+                             "unless --np-start dp)")
+    parser.add_argument("--np-start", choices=["checkpoint", "dp"], default="checkpoint",
+                        help="the non-private row starts from the checkpoint (its dropout, a random head) or as the DP "
+                             "rows do (--dropout, --head)")
     parser.add_argument("--lr", type=float, default=5e-4, help="non-private AdamW learning rate")
     parser.add_argument("--dp-lr", type=float, default=2e-3, help="DP AdamW learning rate")
     parser.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
@@ -295,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
         f"# accuracy: {args.model or 'all-MiniLM-L6-v2'}, trainable={args.trainable}, pooling={args.pooling}, mode={args.mode}, {args.dtype}, "
         f"train {args.train_size} / test {args.test_size}, seq {args.seq_len}, batch {args.batch}, "
         f"{args.epochs:g} epoch(s), clip {args.clip_norm}, lr {args.lr} (DP {args.dp_lr}, head {args.head}, dropout "
-        f"{args.dropout:g}), on {device_name}",
+        f"{args.dropout:g}; non-private start {args.np_start}), on {device_name}",
         flush=True,
     )
     print(table(run(args)))

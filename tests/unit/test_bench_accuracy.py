@@ -47,6 +47,10 @@ def test_dp_rows_start_from_the_prompt_head_without_dropout_and_the_non_private_
     earlier = bench.parse_args(["--quick", "--data", str(imdb_dir), "--head", "random", "--dropout", "0.1"])
     assert torch.equal(_classifier(bench._model(bench._spec(earlier, private=True), earlier, torch.device("cpu"))).weight,
                        _classifier(non_private).weight)
+    # --np-start dp gives the non-private row the DP rows' start: the same spec, so the prompt head and no dropout
+    recipe = bench.parse_args(["--quick", "--data", str(imdb_dir), "--np-start", "dp"])
+    assert bench._spec(recipe, private=False) == bench._spec(args, private=True)
+    assert bench._spec(recipe, private=False) != bench._spec(args, private=False)
 
 
 def test_the_centralised_rows_train_and_evaluate_on_the_federated_benchmarks_reviews(bench, imdb_dir):
