@@ -16,10 +16,11 @@ sequences, whose elements the original inspects and leaves alone.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 _TEXT_AND_BYTES = (str, bytes, bytearray, memoryview)
+_syft_walk: Callable[..., None] | None = None  # syft's own, kept by the first install
 
 
 def attach_attributes(result: Any, attr_dict: dict[str, Any]) -> None:
@@ -56,8 +57,18 @@ def install_syft_speedups() -> None:
     import syft.service.service as service_module
     import syft.types.syft_object as syft_object_module
 
+    global _syft_walk
+    if _syft_walk is None and syft_object_module.attach_attribute_to_syft_object is not attach_attributes:
+        _syft_walk = syft_object_module.attach_attribute_to_syft_object
     service_module.attach_attribute_to_syft_object = attach_attributes
     syft_object_module.attach_attribute_to_syft_object = attach_attributes
 
 
-__all__ = ["attach_attributes", "install_syft_speedups"]
+def syft_walk() -> Callable[..., None]:
+    """syft's own walk, whether or not a site in this process has installed ours since (to compare, or undo)."""
+    import syft.types.syft_object as syft_object_module
+
+    return _syft_walk or syft_object_module.attach_attribute_to_syft_object
+
+
+__all__ = ["attach_attributes", "install_syft_speedups", "syft_walk"]

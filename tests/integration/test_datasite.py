@@ -14,7 +14,7 @@ import pytest
 from datasites.admin import add_researcher, render_budgets, upload_partition
 from datasites.errors import FedsiteError
 from datasites.server import InProcessSite, launch_in_process, login, quiet
-from datasites.syft_speedups import attach_attributes
+from datasites.syft_speedups import attach_attributes, syft_walk
 from policies.approvals import Approval, ApprovalRegistry
 from policies.audit import AuditLog
 from policies.budget import PrivacyBudget
@@ -217,11 +217,10 @@ def test_launching_a_site_installs_the_syft_speedups(tmp_path: Path, monkeypatch
     import syft.service.service as service_module
     import syft.types.syft_object as syft_object_module
 
-    from tests.unit.test_syft_speedups import ORIGINAL
-
-    assert ORIGINAL.__module__ == "syft.types.syft_object"
-    monkeypatch.setattr(service_module, "attach_attribute_to_syft_object", ORIGINAL)  # undo earlier sites' install
-    monkeypatch.setattr(syft_object_module, "attach_attribute_to_syft_object", ORIGINAL)
+    original = syft_walk()
+    assert original.__module__ == "syft.types.syft_object"
+    monkeypatch.setattr(service_module, "attach_attribute_to_syft_object", original)  # undo earlier sites' install
+    monkeypatch.setattr(syft_object_module, "attach_attribute_to_syft_object", original)
 
     running = launch_in_process(tmp_path, admin_password=ADMIN_PASSWORD, name="site-s")
     running.stop()
