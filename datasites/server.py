@@ -16,6 +16,7 @@ from typing import Any
 from datasites.errors import FedsiteError
 from datasites.guard import register_site, unregister_site
 from datasites.secrets import check_password_strength
+from datasites.server_errors import relay_unexpected_server_errors
 from datasites.sitedir import SiteDir, SiteMeta, check_site_name
 from datasites.syft_speedups import install_syft_speedups
 from policies.submission import load_runtime
@@ -117,6 +118,7 @@ def build_datasite(site: SiteDir, *, admin_password: str, db_url: str | None = N
             create_producer=n_consumers > 0,
         )
     install_syft_speedups()
+    relay_unexpected_server_errors()
     _enforce_no_signup(worker)
     return worker
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -176,6 +177,45 @@ def test_a_failing_approved_function_leaks_no_traceback_to_the_researcher(site: 
     assert "contact the Server Admin" in message
     assert "PRIVATE:" not in message and "Traceback" not in message
     assert site.worker.dev_mode is False
+
+
+@pytest.mark.parametrize("failure", ["unexpected", "refusal"])
+def test_an_unexpected_failure_in_a_syft_service_reaches_the_site_log_not_the_researcher(
+    site: InProcessSite, researcher: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    failure: str,
+) -> None:
+    from syft.types.errors import SyftException
+
+    # Prepare: the site's code service fails as syft would on a bug (or refuses, as the guard does)
+    def broken_lookup(context: Any, *args: Any, **kwargs: Any) -> Any:
+        if failure == "refusal":
+            raise SyftException(public_message="refused: not today")
+        raise AttributeError("'NoneType' object has no attribute 'PRIVATE_DETAIL'")
+
+    # syft looks the method up on the service object at every call (code.get_by_service_func_name)
+    monkeypatch.setattr(site.worker.services.user_code, "get_by_service_name", broken_lookup)
+
+    # Execute: a researcher's call
+    with caplog.at_level(logging.DEBUG), quiet():
+        try:
+            answer: Any = researcher.api.services.code.get_by_service_func_name("anything")
+        except Exception as exc:  # noqa: BLE001 - the researcher's view, raised or returned
+            answer = exc
+
+    # Assert: the researcher learns only the exception's type (or the refusal's own message); an unexpected
+    # failure is in the site's log at ERROR, with the site's name and the whole traceback
+    relayed = [r for r in caplog.records if r.name == "fedsite.site"]
+    assert not [r for r in caplog.records if r.name.startswith("syft")]  # syft's own records stay silent
+    if failure == "refusal":
+        assert "refused: not today" in str(answer)
+        assert relayed == []
+        return
+    assert "Something unexpected happened server side" in str(answer) and "PRIVATE_DETAIL" not in str(answer)
+    (record,) = relayed
+    assert record.levelno == logging.ERROR
+    assert record.getMessage().startswith("site-a: a syft service call failed with AttributeError")
+    assert record.exc_info is not None and "PRIVATE_DETAIL" in str(record.exc_info[1])
+    assert "broken_lookup" in logging.Formatter().formatException(record.exc_info)
 
 
 def test_guest_signup_is_off_and_default_credentials_do_not_exist(site: InProcessSite) -> None:
