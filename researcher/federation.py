@@ -44,6 +44,8 @@ ASSET = "reviews"
 # How datasites.guard words a refusal ("site-a: refused: code ... has no Fedsite approval ..."); a
 # connection failure ("Connection refused") does not match, so a dead site still counts as dropped.
 _GUARD_REFUSAL = re.compile(r"[a-z0-9][a-z0-9-]*: refused: .*")
+# What syft 0.9.5 tells a caller below the data-owner role when a service raises anything but a refusal
+_HIDDEN_SERVER_ERROR = re.compile(r"Something unexpected happened server side <class '([^']+)'>")
 
 
 class SiteRefusedError(RuntimeError):
@@ -52,6 +54,20 @@ class SiteRefusedError(RuntimeError):
 
 class RoundFailedError(RuntimeError):
     """Too few sites answered to finish a round's secure sum."""
+
+
+def describe_site_failure(site: str, exc: BaseException) -> str:
+    """Why a call to ``site`` failed, in words the researcher can act on.
+
+    syft hides a site's unexpected server-side exception from a researcher behind its type; the site
+    logs the traceback (``datasites.server_errors``), so the message says where it is.
+    """
+    hidden = _HIDDEN_SERVER_ERROR.search(str(exc))
+    if hidden is None:
+        return f"{type(exc).__name__}: {exc}"
+    kind = hidden.group(1).rsplit(".", 1)[-1]
+    return (f"{site} failed server side with {kind} (syft shows a researcher only its type); the traceback is "
+            f"in {site}'s log (logger fedsite.site, level ERROR): ask its admin for it")
 
 
 @dataclass
@@ -178,7 +194,13 @@ def request_execution(site: SiteHandle, plan: Mapping[str, Any], directory: Path
             # syft 0.9.5 does not enforce this limit; the site's own policy counts rounds
             output_policy=OutputPolicyExecuteCount(limit=1_000_000),
         )(function)
-        site.client.code.request_code_execution(syft_function)
+        try:
+            site.client.code.request_code_execution(syft_function)
+        except Exception as exc:
+            if _HIDDEN_SERVER_ERROR.search(str(exc)) is None:
+                raise
+            raise SubmissionError(f"{site.name} did not take the code request: {describe_site_failure(site.name, exc)}"
+                                  ) from exc
         # The request adds the function to this user's API at the site; fetch the API now, or the first
         # round's first call finds it missing and syft refetches the API then (seconds, mid-round).
         site.client.refresh()
@@ -221,6 +243,7 @@ class RoundOutcome:
     average: np.ndarray  # mean of the participants' clipped DP updates, float64 [vector_length]
     times: dict[str, float]
     epsilon_spent: dict[str, float]  # site -> the researcher's cumulative epsilon there, as the site reported
+    drop_reasons: dict[str, str] = field(default_factory=dict)  # dropped site -> why (describe_site_failure)
 
 
 class FederatedRound:
@@ -248,13 +271,13 @@ class FederatedRound:
             if _GUARD_REFUSAL.search(str(exc)):  # the site's execution guard said no: not a dropout
                 raise SiteRefusedError(_GUARD_REFUSAL.search(str(exc)).group(0)) from None  # type: ignore[union-attr]
             site.forget_asset()  # a restarted site is looked up afresh next time
-            self._dropped(site.name, f"{type(exc).__name__}: {exc}")
+            self._dropped(site.name, f"{stage}: {describe_site_failure(site.name, exc)}")
             return None
         if not isinstance(reply, dict):
             text = str(reply)
             if "refused" in text:
                 raise SiteRefusedError(text)
-            self._dropped(site.name, text)
+            self._dropped(site.name, f"{stage}: {text}")
             return None
         if "refused" in reply:
             raise SiteRefusedError(str(reply["refused"]))
@@ -305,17 +328,22 @@ class FederatedRound:
         participants = tuple(result.participants)
         dropped = tuple(name for name in self.sites if name not in participants)
         return RoundOutcome(self.round_index, self.attempt, participants, dropped, average, dict(self.times.seconds),
-                            {name: self.epsilon_spent[name] for name in participants if name in self.epsilon_spent})
+                            {name: self.epsilon_spent[name] for name in participants if name in self.epsilon_spent},
+                            {name: self.drop_reasons.get(name, "left the secure sum") for name in dropped})
 
 
 def run_round(sites: Sequence[SiteHandle], plan: FederatedPlan, round_index: int, global_vector: np.ndarray,
               *, max_attempts: int = 3, first_attempt: int = 0) -> RoundOutcome:
     """Run ``round_index``, retrying with a new session when too few sites finish (e.g. a crash)."""
     last_error: Exception | None = None
+    reasons: dict[str, str] = {}
     for attempt in range(first_attempt, first_attempt + max_attempts):
+        session = FederatedRound(sites, plan, round_index, attempt)
         try:
-            return FederatedRound(sites, plan, round_index, attempt).run(global_vector)
+            return session.run(global_vector)
         except SecAggError as exc:  # below threshold at some stage: the session cannot finish
-            last_error = exc
-    raise RoundFailedError(f"round {round_index} failed {max_attempts} times: {last_error}")
+            last_error, reasons = exc, session.drop_reasons
+    why = "; ".join(f"{name} dropped at {reason}" for name, reason in sorted(reasons.items()))
+    raise RoundFailedError(f"round {round_index} failed {max_attempts} times: {last_error}"
+                           + (f" (last attempt: {why})" if why else ""))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -61,6 +61,18 @@ def _number_map(name: str, values: object) -> Mapping[str, float]:
     return MappingProxyType(checked)
 
 
+def _drop_reasons(values: Any, dropped: tuple[str, ...]) -> Mapping[str, str]:
+    if not isinstance(values, Mapping):
+        raise RunReportError(f"drop_reasons must be a mapping of dropped site -> reason, got {type(values).__name__}")
+    strangers = sorted(str(name) for name in values if name not in dropped)
+    if strangers:
+        raise RunReportError(f"drop_reasons names {strangers}, which did not drop out (dropped: {list(dropped)})")
+    for name, reason in values.items():
+        if not isinstance(reason, str) or not reason:
+            raise RunReportError(f"drop_reasons[{name!r}] must be a non-empty string, got {reason!r}")
+    return MappingProxyType(dict(values))
+
+
 @dataclass(frozen=True, kw_only=True)
 class RoundRecord:
     """One completed round, as the researcher saw it."""
@@ -76,6 +88,8 @@ class RoundRecord:
     # these are the accuracy before it and the logit-margin shift it applied. None without calibration.
     uncalibrated_accuracy: float | None = None
     calibration_shift: float | None = None
+    # dropped site -> why it left the round, as the researcher saw it (researcher.federation.describe_site_failure)
+    drop_reasons: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.round_index, bool) or not isinstance(self.round_index, int) or self.round_index < 0:
@@ -91,6 +105,7 @@ class RoundRecord:
             raise RunReportError(f"sites {both} are both participants and dropped")
         object.__setattr__(self, "participants", participants)
         object.__setattr__(self, "dropped", dropped)
+        object.__setattr__(self, "drop_reasons", _drop_reasons(self.drop_reasons, dropped))
         object.__setattr__(self, "epsilon_spent", _number_map("epsilon_spent", self.epsilon_spent))
         object.__setattr__(self, "seconds", _number_map("seconds", self.seconds))
         if (self.uncalibrated_accuracy is None) != (self.calibration_shift is None):
@@ -110,12 +125,14 @@ class RoundRecord:
             "seconds": dict(self.seconds),
             "uncalibrated_accuracy": self.uncalibrated_accuracy,
             "calibration_shift": self.calibration_shift,
+            "drop_reasons": dict(self.drop_reasons),
         }
 
     @staticmethod
     def from_dict(raw: Mapping[str, Any]) -> RoundRecord:
         fields = ("round_index", "accuracy", "mean_loss", "epsilon_spent", "participants", "dropped", "seconds")
-        optional = ("uncalibrated_accuracy", "calibration_shift")  # absent from reports written before calibration
+        # absent from reports written before calibration, and before drop reasons were kept
+        optional = ("uncalibrated_accuracy", "calibration_shift", "drop_reasons")
         if not isinstance(raw, Mapping) or not set(fields) <= set(raw) <= set(fields + optional):
             keys = sorted(raw) if isinstance(raw, Mapping) else type(raw).__name__
             raise RunReportError(f"a round record needs the keys {list(fields)} (and may have {list(optional)}), got {keys}")

@@ -11,6 +11,7 @@ session id twice.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from researcher.fedavg import apply_flat_delta, flatten_trainable
 from researcher.federation import SiteHandle, run_round
 from researcher.models import build_from_spec
 from researcher.report import RoundRecord, RunReport
+
+logger = logging.getLogger("fedsite.researcher")
 
 ATTEMPTS_FILE = "attempts.json"
 REPORT_FILE = "report.json"
@@ -128,7 +131,8 @@ class FederatedTrainer:
             record = self.run_one_round(round_index)
             if self.settings.progress:
                 iterator.set_postfix(accuracy=f"{record.accuracy:.3f}",
-                                     epsilon=f"{max(record.epsilon_spent.values(), default=0.0):.2f}")
+                                     epsilon=f"{max(record.epsilon_spent.values(), default=0.0):.2f}",
+                                     **({"dropped": ",".join(record.dropped)} if record.dropped else {}))
         return self.report
 
     def run_one_round(self, round_index: int) -> RoundRecord:
@@ -148,7 +152,10 @@ class FederatedTrainer:
         record = RoundRecord(round_index=round_index, accuracy=evaluation.accuracy, mean_loss=evaluation.mean_loss,
                              epsilon_spent=dict(outcome.epsilon_spent), participants=outcome.participants,
                              dropped=outcome.dropped, seconds=seconds,
-                             uncalibrated_accuracy=scored.uncalibrated_accuracy, calibration_shift=scored.shift)
+                             uncalibrated_accuracy=scored.uncalibrated_accuracy, calibration_shift=scored.shift,
+                             drop_reasons=outcome.drop_reasons)
+        for name, why in record.drop_reasons.items():
+            logger.warning("round %d finished without %s, which dropped at %s", round_index, name, why)
         save_checkpoint(self.run_dir, round_index=round_index, model=self.model, layout=self.layout,
                         meta={"run_id": self.plan.run_id, "accuracy": evaluation.accuracy})
         self.report.append_round(record)

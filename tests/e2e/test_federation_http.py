@@ -278,6 +278,11 @@ def test_kill_9_mid_round_then_restart_loses_nothing(federation: HttpFederation)
     assert [r.round_index for r in report.rounds] == [0, 1, 2]
     assert report.rounds[0].participants == NAMES and report.rounds[2].participants == NAMES
     assert report.rounds[1].dropped == ("site-c",)
+    # why, as the researcher saw it: the stage it stopped answering at, and the connection's failure
+    (why,) = round_1.drop_reasons.values()
+    assert set(round_1.drop_reasons) == {"site-c"}
+    assert why.split(":")[0] in ("advertise_keys", "share_keys", "mask_input", "consistency_check", "unmask"), why
+    assert dict(report.rounds[1].drop_reasons) == dict(round_1.drop_reasons)  # kept in report.json across the resume
     c_rounds = [r.round_index for r in _ledger(federation, "site-c").replay() if r.run_id == run_id]
     assert c_rounds in ([0, 2], [0, 1, 2])  # round 1 only if the kill came after its spend
     for name in NAMES:

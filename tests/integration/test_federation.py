@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,6 +278,34 @@ def test_budget_lowered_after_approval_stops_the_next_round(federation: Federati
 
     with pytest.raises(SiteRefusedError, match=rf"site-b: budget exhausted: epsilon would be \d+\.\d\d > {lowered:g}$"):
         run_round(federation.handles, FederatedPlan.parse(raw), 0, federation.vector)
+
+
+def test_a_code_request_that_fails_server_side_says_whose_log_has_the_traceback(
+    federation: Federation, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Prepare: site-b's code service fails on a bug, not a refusal
+    site, handle, admin = federation.sites["site-b"], federation.handles[1], federation.admins["site-b"]
+    before = len(list_requests(admin))
+
+    def broken_request(context: Any, *args: Any, **kwargs: Any) -> Any:
+        raise AttributeError("'NoneType' object has no attribute 'PRIVATE_DETAIL'")
+
+    monkeypatch.setattr(site.worker.services.user_code, "request_code_execution", broken_request)
+
+    # Execute
+    with caplog.at_level(logging.ERROR, logger="fedsite.site"), pytest.raises(SubmissionError) as failed:
+        submit(handle, federation.plan(), federation.workdir / "functions")
+
+    # Assert: the researcher is told which site failed, how, and who has the traceback; the site logged it
+    assert str(failed.value) == (
+        "site-b did not take the code request: site-b failed server side with AttributeError (syft shows a "
+        "researcher only its type); the traceback is in site-b's log (logger fedsite.site, level ERROR): ask its "
+        "admin for it"
+    )
+    assert "PRIVATE_DETAIL" not in str(failed.value)
+    (logged,) = [r for r in caplog.records if r.name == "fedsite.site"]
+    assert logged.getMessage().startswith("site-b: a syft service call failed with AttributeError")
+    assert len(list_requests(admin)) == before
 
 
 def test_a_run_id_names_exactly_one_function_at_a_site(federation: Federation) -> None:

@@ -52,7 +52,8 @@ def test_records_are_frozen_values() -> None:
 def test_json_round_trip_gives_the_same_report(tmp_path: Path) -> None:
     # Prepare
     report = _report(3)
-    report.append_round(_record(3, participants=["site-a"], dropped=["site-b"], epsilon_spent={"site-a": 1.6}))
+    report.append_round(_record(3, participants=["site-a"], dropped=["site-b"], epsilon_spent={"site-a": 1.6},
+                                drop_reasons={"site-b": "mask_input: ConnectionError: refused"}))
     path = tmp_path / "report.json"
 
     # Execute
@@ -63,6 +64,7 @@ def test_json_round_trip_gives_the_same_report(tmp_path: Path) -> None:
     assert loaded.run_id == "run-1"
     assert loaded.rounds == report.rounds
     assert loaded.rounds[3].dropped == ("site-b",)
+    assert dict(loaded.rounds[3].drop_reasons) == {"site-b": "mask_input: ConnectionError: refused"}
     assert json.loads(path.read_text())["rounds"][3]["epsilon_spent"] == {"site-a": 1.6}
 
 
@@ -102,12 +104,30 @@ def test_rounds_are_appended_once_and_in_order() -> None:
         ({"participants": "site-a"}, "participants must be a list of site names, got the string 'site-a'"),
         ({"dropped": ["site-b"]}, r"sites \['site-b'\] are both participants and dropped"),
         ({"round_index": -1}, "round_index must be an int >= 0, got -1"),
+        ({"drop_reasons": {"site-a": "timeout"}}, r"drop_reasons names \['site-a'\], which did not drop out"),
+        ({"participants": ["site-a"], "dropped": ["site-b"], "drop_reasons": {"site-b": ""}},
+         r"drop_reasons\['site-b'\] must be a non-empty string, got ''"),
     ],
 )
 def test_invalid_records_are_refused_with_the_field_and_value(overrides: dict[str, Any], message: str) -> None:
     # Execute / Assert
     with pytest.raises(RunReportError, match=message):
         _record(0, **overrides)
+
+
+def test_a_report_written_before_drop_reasons_were_kept_still_loads(tmp_path: Path) -> None:
+    # Prepare: a round record as earlier versions wrote it, without the key
+    path = tmp_path / "report.json"
+    _report(1).save_json(path)
+    raw = json.loads(path.read_text())
+    del raw["rounds"][0]["drop_reasons"]
+    path.write_text(json.dumps(raw))
+
+    # Execute
+    loaded = RunReport.load_json(path)
+
+    # Assert
+    assert dict(loaded.rounds[0].drop_reasons) == {}
 
 
 def test_load_json_refuses_another_document(tmp_path: Path) -> None:
