@@ -243,7 +243,7 @@ class RoundOutcome:
     average: np.ndarray  # mean of the participants' clipped DP updates, float64 [vector_length]
     times: dict[str, float]
     epsilon_spent: dict[str, float]  # site -> the researcher's cumulative epsilon there, as the site reported
-    drop_reasons: dict[str, str] = field(default_factory=dict)  # dropped site -> why (describe_site_failure)
+    drop_reasons: dict[str, str]  # dropped site -> why (describe_site_failure)
 
 
 class FederatedRound:

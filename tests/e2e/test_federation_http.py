@@ -30,7 +30,7 @@ from policies.federated_plan import FederatedPlan
 from policies.ledger import PrivacyLedger
 from policies.review import code_hash
 from policies.secagg import AdvertiseKeys, MaskedInput, ShareKeys, SignedSurvivors
-from policies.site_runtime import encode_vector
+from policies.site_runtime import STAGES, encode_vector
 from policies.submission import function_name
 from policies.syft_client import login, quiet
 from researcher.fedavg import flatten_trainable
@@ -278,10 +278,9 @@ def test_kill_9_mid_round_then_restart_loses_nothing(federation: HttpFederation)
     assert [r.round_index for r in report.rounds] == [0, 1, 2]
     assert report.rounds[0].participants == NAMES and report.rounds[2].participants == NAMES
     assert report.rounds[1].dropped == ("site-c",)
-    # why, as the researcher saw it: the stage it stopped answering at, and the connection's failure
-    (why,) = round_1.drop_reasons.values()
+    # why, as the researcher saw it: the reason begins with the stage site-c stopped answering at
     assert set(round_1.drop_reasons) == {"site-c"}
-    assert why.split(":")[0] in ("advertise_keys", "share_keys", "mask_input", "consistency_check", "unmask"), why
+    assert round_1.drop_reasons["site-c"].split(":")[0] in STAGES, round_1.drop_reasons
     assert dict(report.rounds[1].drop_reasons) == dict(round_1.drop_reasons)  # kept in report.json across the resume
     c_rounds = [r.round_index for r in _ledger(federation, "site-c").replay() if r.run_id == run_id]
     assert c_rounds in ([0, 2], [0, 1, 2])  # round 1 only if the kill came after its spend
