@@ -5,7 +5,9 @@ on is here, in code the site installed: Poisson sampling, per-sample clipping, G
 step count, the accountant and the ledger write. The DP-SGD algorithm is Abadi et al., CCS 2016,
 Algorithm 1, as implemented by Opacus (``DPDataLoader``, ``GradSampleModule`` / ghost clipping,
 ``DPOptimizer``, ``BatchMemoryManager``). Parameters come from a ``CalibratedPlan`` that the site
-approved, never from the researcher's function.
+approved, never from the researcher's function. The noise and the Poisson batches are drawn from
+AES-CTR under a key from ``os.urandom`` (``SecureGaussianNoise``, ``SecurePoissonSampler``), never
+from a torch generator the researcher's code could seed, unless a plan turns ``secure_mode`` off.
 
 One round (``local_dp_round``):
 
@@ -24,21 +26,25 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from opacus import GradSampleModule
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.data_loader import DPDataLoader
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from policies.accounting import (
     ACCOUNTANTS,
@@ -106,7 +112,9 @@ class DPPlan:
     tail_tokens: int = 0  # of a longer text, keep the last tail_tokens tokens too (see tokenize); [0, max_length-2]
     accountant: str = "prv"  # "prv" (Gopi et al. 2021) or "rdp" (Mironov et al. 2019)
     clipping_mode: str = DEFAULT_CLIPPING_MODE  # "ghost" or "hooks" (see CLIPPING_MODES)
-    secure_mode: bool = False  # floating-point-safe noise and unpredictable generators (see _generators)
+    # noise and Poisson batches from a CSPRNG, summed against floating-point attacks (SecureGaussianNoise);
+    # False only for benches and reference runs: torch's generators, and the admin's review flags the plan
+    secure_mode: bool = True
     average_last_steps: int = 0  # release the mean of the last k iterates of a round (0: the last one); [0, local_steps]
 
     def __post_init__(self) -> None:
@@ -441,7 +449,213 @@ def _trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tupl
 
 
 # ----------------------------------------------------------------------------------------------
-# Training.
+# Randomness: the DP-SGD noise and the Poisson sampling, from a CSPRNG nothing in the process can seed.
+#
+# The researcher's code runs in the site's process before training (it builds the model), so it can
+# seed or read torch's default generator; and torch's generators (MT19937 on the CPU, Philox on CUDA)
+# are not cryptographic: a few outputs or the seed give away every later one. With secure_mode (every
+# plan's default) no torch generator draws the noise or the batches.
+
+# Coordinates per key-stream request: 2 MiB of key stream and 3.5 MiB of float64 work arrays, made once
+# per sampler (arrays allocated per call ran at a fifth of the speed here: fresh pages every call).
+NOISE_CHUNK = 1 << 16
+_AES_BLOCK = 16  # bytes; Cipher.update_into wants this much headroom beyond the input
+
+
+class AesCtrRandomStream:
+    """Uniform random bits: the AES-256-CTR key stream under a fresh key and counter from ``os.urandom``.
+
+    AES in counter mode under a secret 256-bit key is a pseudorandom generator: its output cannot be
+    told from uniform bits without the key, up to the birthday bound of ~2^64 blocks (a round on full
+    MiniLM draws ~2^25 blocks per step). The key lives only in this object (OpenSSL's cipher context,
+    through ``cryptography``), is drawn from the kernel's CSPRNG when the object is made, and is never
+    written anywhere. Key stream runs at ~5 GB/s with AES-NI; ``os.urandom`` itself at ~0.3 GB/s.
+    Not thread-safe: one stream per sampler.
+    """
+
+    def __init__(self) -> None:
+        self._encryptor = Cipher(algorithms.AES(os.urandom(32)), modes.CTR(os.urandom(16))).encryptor()
+        self._zeros = np.zeros(0, dtype=np.uint8)  # plaintext: the cipher text of zeros is the key stream
+        self._stream = np.empty(0, dtype=np.uint8)  # reused between calls (fresh pages cost more than AES)
+
+    def _key_stream(self, count: int) -> np.ndarray:
+        """The next ``count`` key-stream words, in this stream's buffer (overwritten by the next call): uint64 [count]."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"count must be an int >= 0, got {count!r}")
+        size = 8 * count
+        if self._zeros.size < size:
+            self._zeros = np.zeros(size, dtype=np.uint8)
+            self._stream = np.empty(size + _AES_BLOCK - 1, dtype=np.uint8)
+        written = self._encryptor.update_into(self._zeros.data[:size], self._stream.data)  # .data: memoryviews
+        if written != size:
+            raise RuntimeError(f"AES-CTR wrote {written} bytes of key stream, {size} were asked for")
+        return self._stream[:size].view(np.uint64)
+
+    def words(self, count: int) -> np.ndarray:
+        """``count`` independent uniform 64-bit words: uint64 [count]."""
+        return self._key_stream(count).copy()
+
+    def uniform53(self, count: int, out: np.ndarray | None = None) -> np.ndarray:
+        """``count`` independent uniforms on the grid {0, 1, ..., 2^53 - 1} * 2^-53 in [0, 1): float64 [count].
+
+        The top 53 bits of each word: a double's whole significand, so every value, and ``1 - u`` in
+        (0, 1], is exact. Written into ``out`` (float64, at least ``count`` long) when given.
+        """
+        words = self._key_stream(count)
+        words >>= np.uint64(11)
+        target = np.empty(count, dtype=np.float64) if out is None else out[:count]
+        np.multiply(words, 2.0**-53, out=target)  # uint64 < 2^53 to float64 is exact, so is the power of two
+        return target
+
+
+class UniformSource(Protocol):
+    """What the samplers below draw from (``AesCtrRandomStream``; a stub in the tests)."""
+
+    def uniform53(self, count: int, out: np.ndarray | None = None) -> np.ndarray: ...
+
+
+class SecureGaussianNoise:
+    """N(0, std^2) noise from a CSPRNG, summed so as to resist the floating-point attacks on samplers.
+
+    Each coordinate is ``(z1 + z2 + z3 + z4) * std / 2`` with z_i independent N(0, 1), so its variance
+    is 4 * std^2 / 4 = std^2. Each z_i is a Box-Muller draw (Box & Muller 1958):
+    ``z = sqrt(-2 ln(1 - u1)) * cos(2 pi u2)`` and its twin ``... * sin(2 pi u2)``, u1, u2 uniform on the
+    53-bit grid (``AesCtrRandomStream.uniform53``), computed in float64 and rounded once to the
+    gradient's dtype at the end.
+
+    Notes
+    -----
+    Why a sum of four. Mironov (CCS 2012, "On significance of the least significant bits for
+    differential privacy") showed that a textbook floating-point sampler reaches only a sparse set of
+    doubles, a set that depends on the value the noise is added to, so one output can reveal the
+    input. Jin, McMurtry, Rubinstein & Ohrimenko (IEEE S&P 2022, "Are we there yet? Timing and
+    floating-point attacks on differential privacy systems") carried the attack to Gaussian samplers,
+    Opacus's among them. Holohan & Braghin (ESORICS 2021, "Secure random sampling in differential
+    privacy", Section 5.1) defend by summing 2n independent draws: inverting the sum costs 2^(53(2n-1))
+    guesses, 2^159 for n = 2. Opacus's ``secure_mode`` does the same with torch's generators
+    (``opacus.optimizers.optimizer._generate_noise``); here the bits come from AES-CTR instead.
+
+    Box-Muller has no rejection loop: the time taken depends on the number of coordinates only, never
+    on the values drawn (the timing channel of Jin et al. is in samplers whose loop count depends on
+    the output). One draw's radius is at most sqrt(2 * 53 ln 2) = 8.57, so the sum is bounded by
+    17.1 std; a Gaussian puts ~1e-65 of its mass beyond that, nothing a delta of 1e-5 would notice.
+
+    Not thread-safe: the sampler reuses its work arrays between calls (one sampler per optimizer).
+    """
+
+    def __init__(self, source: UniformSource | None = None) -> None:
+        self.source: UniformSource = source if source is not None else AesCtrRandomStream()
+        self._uniforms = np.empty(4 * NOISE_CHUNK, dtype=np.float64)  # radius then angle uniforms of a chunk
+        self._cosines = np.empty(2 * NOISE_CHUNK, dtype=np.float64)
+        self._sums = np.empty(NOISE_CHUNK, dtype=np.float64)
+
+    def sample(self, std: float, *, like: torch.Tensor) -> torch.Tensor:
+        """Noise with ``like``'s shape, dtype and device, each coordinate N(0, std^2)."""
+        if isinstance(std, bool) or not isinstance(std, int | float) or not math.isfinite(std) or std < 0:
+            raise DPPlanError(f"noise std must be a finite number >= 0, got {std!r}")
+        if std == 0:
+            return torch.zeros_like(like)
+        count = like.numel()
+        # float64 sums, rounded once to the gradient's dtype (numpy has no bfloat16: those round in torch)
+        dtype = {torch.float32: np.float32, torch.float64: np.float64}.get(like.dtype, np.float64)
+        flat = np.empty(count, dtype=dtype)  # [numel]
+        for start in range(0, count, NOISE_CHUNK):
+            stop = min(start + NOISE_CHUNK, count)
+            np.multiply(self._sum_of_four_normals(stop - start), std / 2.0, out=flat[start:stop], casting="same_kind")
+        return torch.from_numpy(flat).to(like.dtype).reshape(like.shape).to(like.device)
+
+    def _sum_of_four_normals(self, count: int) -> np.ndarray:
+        """z1 + z2 + z3 + z4 for each of ``count`` <= NOISE_CHUNK coordinates, the z's independent N(0, 1).
+
+        Returns float64 [count], a view of the work arrays (valid until the next call). 2m Box-Muller
+        pairs (m = max(count, 2)) give 4m normals. The two halves of a pair share their radius, so both
+        must never land in one coordinate (their sum would be one draw in disguise): coordinate c gets
+        the cosine halves of pairs c and m + c and the sine halves of pairs c - 1 and m + c - 1 (mod m),
+        four different pairs since m >= 2.
+        """
+        m = max(count, 2)
+        u = self.source.uniform53(4 * m, out=self._uniforms)  # [4m]: 2m radius uniforms, then 2m angle uniforms
+        radius, angle = u[: 2 * m], u[2 * m : 4 * m]  # [2m] each, pair j = (radius[j], angle[j])
+        np.subtract(1.0, radius, out=radius)  # (0, 1], exact
+        np.log(radius, out=radius)
+        radius *= -2.0
+        np.sqrt(radius, out=radius)
+        angle *= 2.0 * np.pi
+        cosines = self._cosines[: 2 * m]
+        np.cos(angle, out=cosines)
+        sines = np.sin(angle, out=angle)
+        cosines *= radius  # [2m]: z of pair j
+        sines *= radius  # [2m]: its twin
+        total = self._sums[:m]
+        np.add(cosines[:m], cosines[m:], out=total)  # [m]: pairs c and m + c
+        sine_sums = sines[:m]
+        sine_sums += sines[m:]  # [m]: pairs j and m + j, for coordinate j + 1 (mod m)
+        total[1:] += sine_sums[:-1]
+        total[0] += sine_sums[-1]
+        return total[:count]
+
+
+class _SecureNoiseStep:
+    """Opacus's ``add_noise`` with the noise drawn by ``SecureGaussianNoise`` (mixed into both DP optimizers).
+
+    As in Opacus 1.6 (``DPOptimizer.add_noise``): the noise, std = noise_multiplier * max_grad_norm,
+    is added to the *sum* of the clipped per-sample gradients, ``p.grad = (p.summed_grad + noise)``;
+    ``scale_grad`` divides by the expected batch size afterwards; ``_mark_as_processed`` lets Opacus
+    refuse a second step on the same gradients without ``zero_grad``. ``_adjusted_noise_multiplier``
+    is the fast-gradient-clipping optimizer's adaptive-clipping override (never set here).
+    """
+
+    params: list[Any]  # Opacus's DPOptimizer.params: the trainable parameters, each with Opacus's summed_grad
+    noise_multiplier: float
+    max_grad_norm: float
+    noise_source: SecureGaussianNoise
+
+    def add_noise(self) -> None:
+        std = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier) * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            p.grad = (p.summed_grad + self.noise_source.sample(std, like=p.summed_grad)).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+
+def _refuse_torch_generator(kwargs: Mapping[str, Any]) -> None:
+    if kwargs.get("generator") is not None or "secure_mode" in kwargs:
+        raise DPPlanError("a secure-noise optimizer draws its noise from SecureGaussianNoise: pass neither a "
+                          "torch generator nor secure_mode")
+
+
+class SecureNoiseDPOptimizer(_SecureNoiseStep, DPOptimizer):
+    """Opacus's ``DPOptimizer`` (per-sample gradients, "hooks") with CSPRNG noise."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, noise_source: SecureGaussianNoise, **kwargs: Any) -> None:
+        _refuse_torch_generator(kwargs)
+        super().__init__(optimizer, generator=None, secure_mode=True, **kwargs)
+        self.noise_source = noise_source
+
+
+class SecureNoiseFastGradientClippingOptimizer(_SecureNoiseStep, DPOptimizerFastGradientClipping):
+    """Opacus's ``DPOptimizerFastGradientClipping`` (ghost clipping) with CSPRNG noise."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, noise_source: SecureGaussianNoise, **kwargs: Any) -> None:
+        _refuse_torch_generator(kwargs)
+        super().__init__(optimizer, generator=None, secure_mode=True, **kwargs)
+        self.noise_source = noise_source
+
+
+class SecurePoissonSampler(UniformWithReplacementSampler):
+    """Opacus's Poisson sampling, each record in each batch independently with probability q, from a CSPRNG.
+
+    Record i is in a batch when u_i < q, u_i uniform on the 53-bit grid: probability ceil(q 2^53) / 2^53,
+    within 2^-53 of q. Opacus's own sampler compares ``torch.rand`` with q the same way.
+    """
+
+    def __init__(self, *, num_samples: int, sample_rate: float, source: UniformSource) -> None:
+        super().__init__(num_samples=num_samples, sample_rate=sample_rate, generator=None)
+        self.source = source
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.steps):
+            yield np.flatnonzero(self.source.uniform53(self.num_samples) < self.sample_rate).tolist()
 
 
 def _fresh_seed() -> int:
@@ -450,41 +664,71 @@ def _fresh_seed() -> int:
 
 @dataclass
 class _Generators:
-    """Randomness for Poisson sampling (CPU) and noise (the parameters' device).
+    """The torch generators of a round; with secure_mode neither draws noise or batches.
 
-    Seeds come from the OS CSPRNG, so nothing the researcher controls can predict the noise. In
-    secure_mode, Opacus's torchcsprng generator is used when installed; otherwise both generators are
-    reseeded from /dev/urandom (64 bits) before every logical step, so the noise of one step says
-    nothing about the next. Opacus's secure noise (sum of several Gaussian draws) defends against the
-    floating-point attack of Jin et al. 2022 either way.
+    With secure_mode the one generator left, ``sampling``, only feeds the DataLoader's base seed (which
+    would otherwise consume torch's default generator). Without it (benches and reference tests only)
+    Opacus draws the batches from ``sampling`` and the noise from ``noise``, both reseeded from
+    ``os.urandom`` (64 bits) before every logical step, unless a reference test fixed a ``seed``.
     """
 
     sampling: torch.Generator
-    noise: torch.Generator
+    noise: torch.Generator | None  # None with secure_mode: SecureGaussianNoise draws the noise
     reseed_each_step: bool
 
     def reseed(self) -> None:
         if self.reseed_each_step:
             self.sampling.manual_seed(_fresh_seed())
-            self.noise.manual_seed(_fresh_seed())
+            if self.noise is not None:
+                self.noise.manual_seed(_fresh_seed())
 
 
 def _generators(device: torch.device, *, secure_mode: bool, seed: int | None) -> _Generators:
-    if secure_mode:
-        if seed is not None:
-            raise DPPlanError("a seed makes the noise predictable: it is refused with secure_mode=True")
-        try:
-            import torchcsprng
-        except ImportError:
-            pass
-        else:
-            secure = torchcsprng.create_random_device_generator("/dev/urandom")
-            return _Generators(sampling=secure, noise=secure, reseed_each_step=False)
+    if secure_mode and seed is not None:
+        raise DPPlanError(
+            f"seed={seed!r} makes the noise predictable and is refused with secure noise (secure_mode=True, every "
+            "plan's default): drop the seed, or, for a reference test or a bench only, turn secure noise off "
+            "explicitly with secure_mode=False"
+        )
     sampling = torch.Generator(device="cpu")
-    noise = torch.Generator(device=device)
     sampling.manual_seed(_fresh_seed() if seed is None else seed)
+    if secure_mode:
+        return _Generators(sampling=sampling, noise=None, reseed_each_step=True)
+    noise = torch.Generator(device=device)
     noise.manual_seed(_fresh_seed() if seed is None else seed + 1)
-    return _Generators(sampling=sampling, noise=noise, reseed_each_step=secure_mode)
+    return _Generators(sampling=sampling, noise=noise, reseed_each_step=seed is None)
+
+
+def _dp_optimizer(
+    base: torch.optim.Optimizer, *, ghost: bool, secure_mode: bool, generators: _Generators, **kwargs: Any
+) -> DPOptimizer:
+    """Opacus's optimizer for the clipping mode; with secure_mode its subclass that draws CSPRNG noise."""
+    if secure_mode:
+        secure = SecureNoiseFastGradientClippingOptimizer if ghost else SecureNoiseDPOptimizer
+        return secure(base, noise_source=SecureGaussianNoise(), **kwargs)
+    plain = DPOptimizerFastGradientClipping if ghost else DPOptimizer
+    return plain(base, generator=generators.noise, secure_mode=False, **kwargs)
+
+
+def _poisson_loader(
+    dataset: TensorDataset, *, sample_rate: float, secure_mode: bool, generators: _Generators
+) -> DataLoader:
+    """Opacus's Poisson-sampling loader; with secure_mode its batches come from ``SecurePoissonSampler``.
+
+    ``DPDataLoader`` builds its torch-driven sampler itself, so the secure loader is a plain DataLoader
+    with the secure sampler and DPDataLoader's collate function (it turns an empty batch into
+    zero-length tensors). BatchMemoryManager needs only a DataLoader whose batch sampler is a
+    ``UniformWithReplacementSampler``.
+    """
+    loader = DPDataLoader(dataset, sample_rate=sample_rate, generator=generators.sampling)
+    if not secure_mode:
+        return loader
+    sampler = SecurePoissonSampler(num_samples=len(dataset), sample_rate=sample_rate, source=AesCtrRandomStream())
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=loader.collate_fn, generator=generators.sampling)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training.
 
 
 @dataclass
@@ -494,7 +738,7 @@ class _DPTraining:
     model: nn.Module  # the caller's model
     module: nn.Module  # the GradSampleModule wrapping the model
     optimizer: DPOptimizer
-    loader: DPDataLoader
+    loader: DataLoader  # Poisson sampling (see _poisson_loader)
     accountant: PRVAccountant | RDPAccountant
     criterion: Any  # DPLossFastGradientClipping (ghost) or None (hooks: plain mean cross-entropy)
     embedding_fix: BatchedEmbeddingIndices
@@ -536,7 +780,12 @@ def _dp_training(
     device: torch.device,
     seed: int | None = None,
 ) -> _DPTraining:
-    """Wire Opacus around ``model``. ``noise_multiplier`` may be 0 here only for the reference tests."""
+    """Wire Opacus around ``model``. ``noise_multiplier`` may be 0 here only for the reference tests.
+
+    With ``secure_mode`` (every plan's default) the noise and the Poisson batches come from a CSPRNG
+    (``SecureGaussianNoise``, ``SecurePoissonSampler``) and ``seed`` is refused; ``secure_mode=False``
+    leaves both to Opacus and torch's generators, for benches and reference tests that need a ``seed``.
+    """
     params = [parameter for _, parameter in trainable_parameters(model)]
     if optimizer_name == "adamw":
         base: torch.optim.Optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
@@ -544,36 +793,21 @@ def _dp_training(
         base = torch.optim.SGD(params, lr=learning_rate)
     generators = _generators(device, secure_mode=secure_mode, seed=seed)
     embedding_fix = BatchedEmbeddingIndices(model)
-    optimizer: DPOptimizer
+    noise = {"noise_multiplier": noise_multiplier, "max_grad_norm": clip_norm,
+             "expected_batch_size": expected_batch_size, "loss_reduction": "mean"}
     criterion = None
     if clipping_mode == "ghost":
         module: nn.Module = GradSampleModuleFastGradientClipping(
             model, batch_first=True, loss_reduction="mean", max_grad_norm=clip_norm, use_ghost_clipping=True
         )
-        optimizer = DPOptimizerFastGradientClipping(
-            base,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=clip_norm,
-            expected_batch_size=expected_batch_size,
-            loss_reduction="mean",
-            generator=generators.noise,
-            secure_mode=secure_mode,
-        )
+        optimizer = _dp_optimizer(base, ghost=True, secure_mode=secure_mode, generators=generators, **noise)
         criterion = DPLossFastGradientClipping(module, optimizer, nn.CrossEntropyLoss(reduction="mean"), "mean")
     else:
         module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-        optimizer = DPOptimizer(
-            base,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=clip_norm,
-            expected_batch_size=expected_batch_size,
-            loss_reduction="mean",
-            generator=generators.noise,
-            secure_mode=secure_mode,
-        )
+        optimizer = _dp_optimizer(base, ghost=False, secure_mode=secure_mode, generators=generators, **noise)
     tracker: PRVAccountant | RDPAccountant = PRVAccountant() if accountant == "prv" else RDPAccountant()
     optimizer.attach_step_hook(tracker.get_optimizer_hook_fn(sample_rate=sample_rate))
-    loader = DPDataLoader(dataset, sample_rate=sample_rate, generator=generators.sampling)
+    loader = _poisson_loader(dataset, sample_rate=sample_rate, secure_mode=secure_mode, generators=generators)
     return _DPTraining(model, module, optimizer, loader, tracker, criterion, embedding_fix, generators)
 
 
