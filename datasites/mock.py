@@ -2,23 +2,43 @@
 
 Researchers see only the mock. It must let them dry-run their training code (same columns, dtypes,
 label coding, review-like lengths and wording) while revealing nothing of the private text. So the
-reviews are composed from phrase banks written here, never from the private data; the only things
-taken from the partition are its size (capped) and its label balance. ``check_no_private_overlap``
-then verifies, before the mock is published, that no mock review equals or nearly duplicates a
-private one (shared word 5-grams), and refuses to publish otherwise.
+reviews are composed from phrase banks written here, never from the private data.
+``check_no_private_overlap`` then verifies, before the mock is published, that no mock review equals
+or nearly duplicates a private one (shared word 5-grams), and refuses to publish otherwise.
+
+The mock's size and label balance are a ``MockShape``, from one of two sources, recorded with the
+dataset so that the admin's review and the upload report say which:
+
+* ``public-defaults`` (the default): 200 rows, half of them positive. Nothing about the partition.
+* ``dp-counts`` (opt-in, with an epsilon the admin gives): the partition's positive and negative
+  counts, each with discrete Laplace noise (``dp_mock_shape``). That is a differentially private
+  release of the label counts, made once at upload; its epsilon adds to every researcher's training
+  epsilon (see ``dp_mock_shape``).
+
+Copying the exact size and label balance, as the mock once did, was a small channel from the private
+data to every researcher, outside any privacy accounting.
 """
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Iterable
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from datasites.errors import FedsiteError
 
-MAX_MOCK_ROWS = 2000
+PUBLIC_MOCK_ROWS = 200  # the public default's size; half of the rows are positive
+MIN_MOCK_ROWS = 64  # a DP-sized mock is never smaller: the review's dry run trains on 64 mock rows
+MAX_MOCK_ROWS = 2000  # nor larger: the mock is for dry runs, and is generated and checked at upload
+MAX_MOCK_EPSILON = 10.0  # beyond this the noisy counts are the exact counts in all but name
+MOCK_SOURCES = ("public-defaults", "dp-counts")
 SHINGLE = 5  # words per shingle for the near-duplicate check
 MAX_SHARED_FRACTION = 0.2  # a mock review sharing more of its 5-grams with one private text is a near-duplicate
 
@@ -101,14 +121,154 @@ def _review(rng: np.random.Generator, positive: bool) -> str:
     return " ".join(parts)
 
 
-def make_mock_twin(private: pd.DataFrame, *, seed: int, max_rows: int = MAX_MOCK_ROWS) -> pd.DataFrame:
-    """A synthetic partition with the private one's schema and label balance (size capped at max_rows)."""
-    if max_rows < 1:
-        raise FedsiteError(f"max_rows must be >= 1, got {max_rows}")
-    n = min(len(private), max_rows)
+def check_mock_epsilon(epsilon: object) -> float:
+    """Refuse a mock epsilon that is not a number in (0, MAX_MOCK_EPSILON]; return it as a float."""
+    if isinstance(epsilon, bool) or not isinstance(epsilon, int | float) or not math.isfinite(epsilon) \
+            or not 0 < epsilon <= MAX_MOCK_EPSILON:
+        raise FedsiteError(f"mock_epsilon must be a number in (0, {MAX_MOCK_EPSILON:g}], got {epsilon!r}: e.g. 0.1 "
+                           "noises the label counts by about 10 records; leave it out for the public defaults")
+    return float(epsilon)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MockShape:
+    """The mock twin's size and label balance, and where those two numbers came from."""
+
+    rows: int  # mock rows; [1, MAX_MOCK_ROWS]
+    positives: int  # mock rows labelled 1; [0, rows]
+    source: str  # one of MOCK_SOURCES
+    epsilon: float | None = None  # the dp-counts release's epsilon (pure DP); None for public-defaults
+
+    def __post_init__(self) -> None:
+        if self.source not in MOCK_SOURCES:
+            raise FedsiteError(f"mock source must be one of {MOCK_SOURCES}, got {self.source!r}")
+        for name, value, high in (("rows", self.rows, MAX_MOCK_ROWS), ("positives", self.positives, self.rows)):
+            low = 1 if name == "rows" else 0
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise FedsiteError(f"mock {name} must be an int in [{low}, {high}], got {value!r}")
+        if self.source == "dp-counts":
+            check_mock_epsilon(self.epsilon)
+        elif self.epsilon is not None:
+            raise FedsiteError(f"a {self.source} mock spends no epsilon, got epsilon={self.epsilon!r}")
+
+    def to_record(self) -> dict[str, Any]:
+        """The dataset facts' ``mock`` entry (``SiteDir.record_dataset``)."""
+        record: dict[str, Any] = {"source": self.source, "rows": self.rows, "positives": self.positives}
+        if self.epsilon is not None:
+            record["epsilon"] = self.epsilon
+        return record
+
+    def describe(self) -> str:
+        """One line for the admin: the size, the balance and their source."""
+        if self.source == "public-defaults":
+            return (f"{self.rows} rows, {self.positives} positive, from public defaults (nothing taken from the "
+                    "private partition)")
+        return (f"{self.rows} rows, {self.positives} positive, from the private label counts with discrete Laplace "
+                f"noise at epsilon={self.epsilon:g} (a one-off release at upload, added to every researcher's "
+                "training epsilon)")
+
+
+def describe_mock_record(record: Mapping[str, Any] | None) -> str:
+    """The admin's line on a dataset's mock twin, from the ``mock`` entry recorded at upload (None: none was)."""
+    if record is None:
+        return ("source not recorded (uploaded before Fedsite recorded it): its size and label balance may be "
+                "the private partition's exact ones; upload the dataset again to replace it")
+    try:
+        return MockShape(**record).describe()
+    except (TypeError, FedsiteError) as exc:
+        return f"unreadable record {dict(record)!r} ({exc})"
+
+
+def public_mock_shape() -> MockShape:
+    """The default: PUBLIC_MOCK_ROWS rows, half of them positive, whatever the partition."""
+    return MockShape(rows=PUBLIC_MOCK_ROWS, positives=PUBLIC_MOCK_ROWS // 2, source="public-defaults")
+
+
+def dp_mock_shape(labels: Sequence[int] | pd.Series, *, epsilon: float) -> MockShape:
+    """The mock's size and balance from the private label counts, released with epsilon-DP.
+
+    The positive and the negative counts each get independent discrete Laplace noise,
+    P(y) proportional to exp(-epsilon |y|) (``discrete_laplace``). Adding or removing one record changes
+    one of the two counts by one, so the pair is epsilon-DP (the geometric mechanism, Ghosh,
+    Roughgarden & Sundararajan, STOC 2009; parallel composition over the two disjoint counts); under
+    replace-one adjacency it is 2 epsilon-DP. Clamping the counts and the size to [MIN_MOCK_ROWS,
+    MAX_MOCK_ROWS], and keeping at least one row of each label, is post-processing: it costs nothing.
+
+    How it composes: every researcher sees the mock, so this epsilon (delta 0) adds to what each
+    researcher's training spends, by basic composition: epsilon_mock + epsilon_ledger at the ledger's
+    delta. It is spent once, at upload, and is not in the per-researcher ledgers; keep it small (0.1
+    noises each count by about 10 records) or use the public defaults, which spend nothing.
+    """
+    epsilon = check_mock_epsilon(epsilon)
+    values = [int(label) for label in labels]
+    positives = sum(1 for label in values if label == 1)
+    noisy_positives = max(0, positives + discrete_laplace(epsilon=epsilon))
+    noisy_negatives = max(0, len(values) - positives + discrete_laplace(epsilon=epsilon))
+    total = noisy_positives + noisy_negatives
+    rows = min(max(total, MIN_MOCK_ROWS), MAX_MOCK_ROWS)
+    share = Fraction(noisy_positives, total) if total else Fraction(1, 2)
+    return MockShape(rows=rows, positives=min(max(round(share * rows), 1), rows - 1), source="dp-counts",
+                     epsilon=epsilon)
+
+
+def _bernoulli(p: Fraction) -> bool:
+    """True with probability p in [0, 1], exactly, from the OS CSPRNG (``secrets``)."""
+    return secrets.randbelow(p.denominator) < p.numerator
+
+
+def _bernoulli_exp(gamma: Fraction) -> bool:
+    """True with probability exp(-gamma), gamma >= 0, exactly.
+
+    Canonne, Kamath & Steinke (NeurIPS 2020, "The discrete Gaussian for differential privacy"),
+    Algorithm 1: for gamma in [0, 1], the first K with Bernoulli(gamma / K) = 0 is odd with probability
+    exp(-gamma); a larger gamma is split into exp(-1) factors.
+    """
+    while gamma > 1:
+        if not _bernoulli_exp(Fraction(1)):
+            return False
+        gamma -= 1
+    k = 1
+    while _bernoulli(gamma / k):
+        k += 1
+    return k % 2 == 1
+
+
+def discrete_laplace(*, epsilon: float) -> int:
+    """One integer y with P(y) proportional to exp(-epsilon |y|), exactly, from the OS CSPRNG.
+
+    Canonne, Kamath & Steinke 2020, Algorithm 2, with epsilon = s / t as an exact fraction (a float is
+    one): X = U + t V has P(X = x) proportional to exp(-x / t), and Y = floor(X / s) has P(Y = y)
+    proportional to exp(-y s / t). Integer arithmetic only, so none of the floating-point attacks on
+    the textbook Laplace sampler (Mironov, CCS 2012) apply. Its running time depends on the value drawn,
+    which is harmless here: it runs once, at upload, where no researcher can time it.
+    """
+    exact = Fraction(check_mock_epsilon(epsilon))
+    s, t = exact.numerator, exact.denominator
+    while True:
+        u = secrets.randbelow(t)
+        if not _bernoulli_exp(Fraction(u, t)):
+            continue
+        v = 0
+        while _bernoulli_exp(Fraction(1)):
+            v += 1
+        y = (u + t * v) // s
+        negative = secrets.randbelow(2) == 1
+        if negative and y == 0:
+            continue
+        return -y if negative else y
+
+
+def make_mock_twin(private: pd.DataFrame, *, seed: int, shape: MockShape | None = None) -> pd.DataFrame:
+    """A synthetic partition with the private one's schema, ``shape``'s size and labels (public defaults if None).
+
+    ``seed`` fixes the generated reviews and the order of the labels; nothing in them comes from
+    ``private``, which is read only to check that no mock review is (nearly) one of its texts.
+    """
+    shape = public_mock_shape() if shape is None else shape
     rng = np.random.default_rng(seed)
-    positive_fraction = float(private["label"].mean()) if len(private) else 0.5
-    labels = (rng.random(n) < positive_fraction).astype("int64")
+    labels = np.zeros(shape.rows, dtype="int64")  # [rows]
+    labels[: shape.positives] = 1
+    rng.shuffle(labels)
     texts = [_review(rng, bool(label)) for label in labels]
     mock = pd.DataFrame({"text": texts, "label": labels})
     check_no_private_overlap(mock["text"], private["text"])
