@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from policies.durable import HashChainedJournal, canonical_json, sha256_hex
+from policies.durable import canonical_json, sha256_hex, site_journal
 
 APPROVALS_FILE = "approvals.jsonl"
 
@@ -41,7 +41,8 @@ class Approval:
 
     request_id: str  # syft request UID (hex)
     code_hash: str  # policies.review.code_hash of the submitted source
-    researcher: str  # the researcher's login email on this site
+    researcher: str  # the researcher's immutable id on this site (syft user id, policies.identity)
+    researcher_email: str  # the researcher's e-mail when the admin approved (shown beside the id, never a key)
     dataset: str  # the only dataset this code may read
     plan: Mapping[str, Any] = field(hash=False)  # the approved federated plan (JSON, policies.federated_plan)
     calibrated: Mapping[str, Any] = field(hash=False)  # policies.dp.CalibratedPlan fixed at approval (JSON)
@@ -60,7 +61,7 @@ class ApprovalRegistry:
     """Append-only approvals and revocations of one site."""
 
     def __init__(self, data_dir: Path) -> None:
-        self.journal = HashChainedJournal(Path(data_dir) / APPROVALS_FILE)
+        self.journal = site_journal(Path(data_dir), APPROVALS_FILE)
 
     def record(self, approval: Approval) -> None:
         if self.find(approval.code_hash, researcher=approval.researcher) is not None:
@@ -105,7 +106,8 @@ class ExecutionContext:
     site: str  # this site's name
     data_dir: Path  # this site's data dir (ledger, budgets, audit log, round state)
     approval: Approval  # the approval that authorised this run
-    researcher: str  # who called
+    researcher: str  # who called: the caller's immutable id (policies.identity.check_researcher_id)
+    researcher_email: str  # the caller's e-mail now (for the audit log's readers; never a key)
     dry_run: bool = False  # the admin's review running the code on the mock twin; never set by the guard
     device: str = "cpu"  # the torch device the site trains on (`fedsite serve --device`)
 

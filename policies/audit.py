@@ -2,18 +2,19 @@
 
 Every datasite keeps ``<data-dir>/audit.jsonl``, an append-only ``HashChainedJournal`` (see
 ``policies/durable.py``) of frozen events: approvals and denials of researchers' requests,
-executions that were authorised or refused, privacy spent, and the SHA-256 of every output released.
-Each line carries the hash of the line before it, so editing, deleting, reordering or inserting a line
-breaks the chain and ``verify`` names the first bad line.
+executions that were authorised or refused, API calls the site's gate refused, privacy spent, and
+the SHA-256 of every output released. Each line carries a MAC (under the site's journal key) over
+itself and the line before it, so editing, deleting, reordering or inserting a line breaks the chain
+and ``verify`` names the first bad line; a MACed head file catches lines cut off the end.
 
 Notes
 -----
-A chain proves only that nothing *inside* it changed. Someone with write access to the data dir can
-still drop the last lines (the chain that remains is intact) or rewrite the whole file with freshly
-computed hashes. Both are caught by anchoring: ``head()`` returns ``(n_entries, last_hash)``, the admin
-writes it down somewhere the site cannot rewrite (a ticket, a notebook, a signed e-mail), and a later
-``verify(anchor=...)`` refuses a log that is shorter than the anchor or whose entry at that position
-has a different hash.
+Someone who holds the site's journal key (i.e. can read the data dir's secrets) can still rewrite
+the whole log, and someone who can restore an older copy of log *and* head can roll it back
+between two runs of the site. Both are caught by anchoring: ``head()`` returns ``(n_entries,
+last_hash)``, the admin writes it down somewhere the site cannot rewrite (a ticket, a notebook, a
+signed e-mail), and a later ``verify(anchor=...)`` refuses a log that is shorter than the anchor or
+whose entry at that position has a different hash.
 
 Decoding is strict: an unknown ``kind``, a missing or extra field, or a field of the wrong type is an
 error, never skipped, because an auditor must be able to account for every line.
@@ -29,7 +30,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
-from policies.durable import GENESIS_HASH, HashChainedJournal, JournalCorruptError, JournalEntry
+from policies.durable import JournalCorruptError, JournalEntry, site_journal
+from policies.identity import check_researcher_id
 
 AUDIT_FILE = "audit.jsonl"
 
@@ -57,6 +59,13 @@ def _check_text(name: str, value: object) -> None:
 def _check_sha256(name: str, value: object) -> None:
     if not isinstance(value, str) or not _SHA256_HEX.fullmatch(value):
         raise AuditEventError(f"{name} must be a SHA-256 as 64 lowercase hex digits, got {value!r}")
+
+
+def _check_researcher(name: str, value: object) -> None:
+    try:
+        check_researcher_id(value)
+    except ValueError as exc:
+        raise AuditEventError(f"{name}: {exc}") from None
 
 
 def _check_round(name: str, value: object) -> None:
@@ -104,14 +113,16 @@ class _RequestEvent(AuditEvent):
 
     request_id: str  # syft's id of the code request
     code_hash: str  # policies.review.code_hash of the submitted source
-    researcher: str  # the requesting user's e-mail
+    researcher: str  # the requesting user's immutable id (syft user id, policies.identity)
+    researcher_email: str  # the requesting user's e-mail at the time (shown beside the id; never a key)
     dataset: str  # the site's dataset the code runs on
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_text("request_id", self.request_id)
         _check_sha256("code_hash", self.code_hash)
-        _check_text("researcher", self.researcher)
+        _check_researcher("researcher", self.researcher)
+        _check_text("researcher_email", self.researcher_email)
         _check_text("dataset", self.dataset)
 
 
@@ -177,7 +188,7 @@ class PrivacySpent(AuditEvent):
     kind: ClassVar[str] = "privacy_spent"
     request_id: str
     dataset: str
-    researcher: str
+    researcher: str  # the researcher's immutable id
     epsilon: float  # epsilon of this round alone, >= 0
     delta: float  # delta of this round alone, in [0, 1)
     round: int
@@ -186,7 +197,7 @@ class PrivacySpent(AuditEvent):
         super().__post_init__()
         _check_text("request_id", self.request_id)
         _check_text("dataset", self.dataset)
-        _check_text("researcher", self.researcher)
+        _check_researcher("researcher", self.researcher)
         _check_number("epsilon", self.epsilon)
         _check_number("delta", self.delta, below_one=True)
         _check_round("round", self.round)
@@ -208,9 +219,47 @@ class OutputReleased(AuditEvent):
         _check_round("round", self.round)
 
 
+@dataclass(frozen=True, kw_only=True)
+class ApiCallRefused(AuditEvent):
+    """The site's API gate refused a call of a caller below the data-owner role (datasites.gate)."""
+
+    kind: ClassVar[str] = "api_call_refused"
+    path: str  # the syft service path (or HTTP route) that was called
+    caller: str  # the caller's immutable id, or "unknown" when its key belongs to no account
+    caller_email: str  # the caller's e-mail at the time, or "unknown"
+    role: str  # the caller's syft role
+    reason: str  # what the caller was told
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("path", "caller", "caller_email", "role", "reason"):
+            _check_text(name, getattr(self, name))
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogMigrated(AuditEvent):
+    """The data dir was migrated to a new format; the old log's head is kept so an old anchor still checks."""
+
+    kind: ClassVar[str] = "log_migrated"
+    from_format: int
+    to_format: int
+    old_entries: int  # entries of the log before the migration (its old anchor's N)
+    old_head: str  # the old log's last hash (its old anchor's HASH)
+    backup: str  # where the old files were kept, relative to the data dir
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_round("from_format", self.from_format)
+        _check_round("to_format", self.to_format)
+        _check_round("old_entries", self.old_entries)
+        _check_text("old_head", self.old_head)
+        _check_text("backup", self.backup)
+
+
 EVENT_TYPES: dict[str, type[AuditEvent]] = {
     cls.kind: cls
-    for cls in (RequestApproved, RequestDenied, ExecutionAuthorised, ExecutionRefused, PrivacySpent, OutputReleased)
+    for cls in (RequestApproved, RequestDenied, ExecutionAuthorised, ExecutionRefused, PrivacySpent, OutputReleased,
+                ApiCallRefused, LogMigrated)
 }
 
 
@@ -241,7 +290,7 @@ class AuditHead(NamedTuple):
     """What an admin writes down to detect later truncation or a rewrite of the whole chain."""
 
     n_entries: int  # number of entries in the log
-    last_hash: str  # hash of the last entry, GENESIS_HASH for an empty log
+    last_hash: str  # MAC of the last entry, the journal's genesis value for an empty log
 
 
 @dataclass(frozen=True)
@@ -280,7 +329,7 @@ class AuditLog:
 
     def __init__(self, data_dir: Path) -> None:
         self.path = Path(data_dir) / AUDIT_FILE
-        self._journal = HashChainedJournal(self.path)
+        self._journal = site_journal(Path(data_dir), AUDIT_FILE)
 
     def _entries(self) -> list[JournalEntry]:
         try:
@@ -311,7 +360,7 @@ class AuditLog:
     def head(self) -> AuditHead:
         """``(n_entries, last_hash)`` of the verified chain: the value an admin writes down as an anchor."""
         entries = self._entries()
-        return AuditHead(len(entries), entries[-1].digest if entries else GENESIS_HASH)
+        return AuditHead(len(entries), entries[-1].digest if entries else self._journal.genesis)
 
     def verify(self, *, anchor: AuditHead | None = None) -> AuditReport:
         """Check the chain, every event's type and fields, and ``anchor`` if given.
@@ -321,8 +370,8 @@ class AuditLog:
         entries = self._entries()
         events = [decode_event(e.record, where=f"{self.path}: line {e.seq + 1}") for e in entries]
         if anchor is not None:
-            _check_anchor(anchor, entries, self.path)
-        head = AuditHead(len(entries), entries[-1].digest if entries else GENESIS_HASH)
+            _check_anchor(anchor, entries, self.path, genesis=self._journal.genesis)
+        head = AuditHead(len(entries), entries[-1].digest if entries else self._journal.genesis)
         raw = self.path.read_bytes() if self.path.exists() else b""
         return AuditReport(
             path=self.path,
@@ -333,7 +382,7 @@ class AuditLog:
         )
 
 
-def _check_anchor(anchor: AuditHead, entries: list[JournalEntry], path: Path) -> None:
+def _check_anchor(anchor: AuditHead, entries: list[JournalEntry], path: Path, *, genesis: str) -> None:
     n_entries, last_hash = anchor
     if isinstance(n_entries, bool) or not isinstance(n_entries, int) or n_entries < 0:
         raise ValueError(f"anchor n_entries must be an int >= 0, got {n_entries!r}")
@@ -344,7 +393,7 @@ def _check_anchor(anchor: AuditHead, entries: list[JournalEntry], path: Path) ->
             f"{path}: has {len(entries)} entries but the anchor has {n_entries}: "
             "entries were removed from the end (truncated)"
         )
-    found = entries[n_entries - 1].digest if n_entries else GENESIS_HASH
+    found = entries[n_entries - 1].digest if n_entries else genesis
     if found != last_hash:
         raise AuditIntegrityError(
             f"{path}: entry {n_entries} has hash {found} but the anchor has {last_hash}: "

@@ -5,8 +5,10 @@ site, as a frozen ``PrivacyEvent`` together with the epsilon of the whole histor
 budget is the admin's, read from ``<data-dir>/budgets.json`` (``BudgetBook``) at each check, so an
 admin who lowers it is obeyed at the next spend.
 
-Layout: ``<data-dir>/ledger/<dataset>/<researcher>.jsonl``, a ``HashChainedJournal`` (append-only,
-fsync'd, each line chained to the previous one by SHA-256), one line per spend. A second file
+Layout: ``<data-dir>/ledger/<dataset>/<researcher-id>.jsonl``, a ``HashChainedJournal`` (append-only,
+fsync'd, each line MAC-chained to the previous one under the site's journal key, with a MACed head
+that catches a truncation before the next spend), one line per spend. The researcher is keyed by its
+immutable syft user id, never its e-mail (``policies.identity``). A second file
 ``<researcher>.jsonl.spend-lock`` serialises check-then-append across processes (syft forks a worker
 per job), so two concurrent rounds cannot both pass the check against the same history.
 
@@ -34,7 +36,8 @@ from policies.accounting import (
     epsilon_of,
 )
 from policies.budget import BudgetBook, PrivacyBudget
-from policies.durable import HashChainedJournal
+from policies.durable import site_journal
+from policies.identity import check_researcher_id
 
 LEDGER_DIR = "ledger"
 # Dataset and researcher names become path components: letters, digits and . _ @ + - only.
@@ -65,7 +68,7 @@ class LedgerRecord:
 
     site: str  # the site that spent
     dataset: str
-    researcher: str
+    researcher: str  # the researcher's immutable id (policies.identity)
     accountant: str  # "prv" or "rdp": how epsilon_after was composed
     noise_multiplier: float
     sample_rate: float
@@ -101,13 +104,17 @@ class PrivacyLedger:
     def __init__(self, data_dir: Path, dataset: str, researcher: str, *, site: str, accountant: str = "prv") -> None:
         self.data_dir = Path(data_dir)
         self.dataset = _check_name("dataset", dataset)
-        self.researcher = _check_name("researcher", researcher)
+        try:
+            self.researcher = check_researcher_id(researcher)
+        except ValueError as exc:
+            raise ValueError(f"researcher: {exc}") from None
         if not isinstance(site, str) or not site:
             raise ValueError(f"site must be a non-empty str, got {site!r}")
         self.site = site
         self.accountant = check_accountant(accountant)
-        self.path = self.data_dir / LEDGER_DIR / dataset / f"{researcher}.jsonl"
-        self.journal = HashChainedJournal(self.path)
+        relative = Path(LEDGER_DIR) / dataset / f"{researcher}.jsonl"
+        self.path = self.data_dir / relative
+        self.journal = site_journal(self.data_dir, relative)
         self._spend_lock = self.path.with_name(self.path.name + ".spend-lock")
         self._check_accountant_matches(self.records())
 

@@ -103,6 +103,16 @@ class CodeReview:
         return "\n".join(lines)
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` safe for an admin's terminal: control characters (escape sequences that clear the screen,
+    move the cursor or hide text, bidirectional overrides) shown as ``\\x1b``-style escapes; newlines and
+    tabs kept. A request or an audit record is the researcher's text; it must not redraw the review."""
+    return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
+
+
 def code_hash(source: str) -> str:
     """The canonical hash of submitted code, bound at approval and checked at every execution.
 

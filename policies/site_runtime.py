@@ -4,9 +4,12 @@ A submitted function is a thin wrapper (see ``researcher.submission``): it holds
 literal and a model builder, and returns ``run_stage(...)``. Everything privacy-critical happens
 here, in code the site installed, inside an execution the site's guard authorised
 (``policies.approvals``): the plan must be the approved one, the round must be new and within the
-approved rounds, the roster must pin this site's own identity key, the ledger must pay for the
-round (written before the masked update is returned), and the only thing returned is a secure-sum
-message (or a refusal naming the reason). One call runs one SecAgg stage (Bonawitz et al. 2017,
+approved rounds, every roster entry must be pinned by this site's admin and the threshold at least
+the site's minimum (``policies.peers``, checked at every stage), only one attempt of a round may
+train and release (a lock per run and round), the ledger must pay for the round (written before
+the masked update is returned), and the only thing returned is a secure-sum message (or a refusal
+naming the reason): no timing of the private work, which depends on the private reviews' lengths
+and the Poisson batch sizes (the researcher times its own calls). One call runs one SecAgg stage (Bonawitz et al. 2017,
 Figure 4) for one attempt at one round; the site's half of the protocol state lives in
 ``<data-dir>/runs/<run-id>/`` between calls, so a restart of the site loses nothing.
 
@@ -18,9 +21,12 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import fcntl
 import hashlib
+import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +43,12 @@ from policies.dp import (
     train_dp_sgd,
     trainable_parameters,
 )
-from policies.durable import HashChainedJournal
+from policies.durable import site_journal
 from policies.federated_plan import FederatedPlan, FederatedPlanError
 from policies.fingerprint import partition_fingerprint, read_dataset_facts
 from policies.identity import load_identity_key
 from policies.ledger import BudgetExceededError, PrivacyLedger
+from policies.peers import PeerPinError, PeerPins
 from policies.secagg import (
     IncomingShares,
     RoundKeys,
@@ -58,6 +65,8 @@ from policies.secagg import (
     unmask,
 )
 
+# The site's own log (its admin reads it; nothing of it reaches the researcher): how long training took.
+timing_log = logging.getLogger("fedsite.site.timing")
 STAGES = ("advertise_keys", "share_keys", "mask_input", "consistency_check", "unmask")
 ModelBuilder = Callable[[], tuple[torch.nn.Module, Any]]
 
@@ -83,12 +92,16 @@ def run_stage(data: Any, *, stage: str, message: Mapping[str, Any], plan: Mappin
         run = SiteRun(execution, FederatedPlan.parse(plan), make_model, private_fingerprint=facts["fingerprint"])
         round_index, attempt = _round_and_attempt(message, run.plan)
         return run.stage(stage, round_index, attempt, message, texts, labels)
-    except (SiteRefusal, SecAggError, BudgetExceededError, DPPlanError, FederatedPlanError) as exc:
+    except (SiteRefusal, SecAggError, BudgetExceededError, DPPlanError, FederatedPlanError, PeerPinError) as exc:
         reason = f"{execution.site}: {exc}"
+        # The ledger's own refusal names the sampling rate, i.e. the partition's size: for the admin's log only.
+        told = (f"{execution.site}: budget exhausted: this round's spend would exceed the site's privacy budget"
+                if isinstance(exc, BudgetExceededError) else reason)
         AuditLog(execution.data_dir).record(ExecutionRefused(
             request_id=execution.approval.request_id, code_hash=execution.approval.code_hash,
-            researcher=execution.researcher, dataset=execution.approval.dataset, round=round_index, reason=reason))
-        return {"refused": reason}
+            researcher=execution.researcher, researcher_email=execution.researcher_email,
+            dataset=execution.approval.dataset, round=round_index, reason=reason))
+        return {"refused": told}
 
 
 def dry_run(texts: list[str], labels: list[int], *, plan: FederatedPlan, make_model: ModelBuilder,
@@ -183,7 +196,7 @@ class SiteRun:
         self.plan = plan
         self.make_model = make_model
         self.directory = execution.data_dir / "runs" / plan.run_id
-        self.sessions = HashChainedJournal(self.directory / "sessions.jsonl")
+        self.sessions = site_journal(execution.data_dir, Path("runs") / plan.run_id / "sessions.jsonl")
         self.ledger = PrivacyLedger(execution.data_dir, plan.dataset, execution.researcher, site=execution.site,
                                     accountant=plan.dp.accountant)
         self.calibrated = CalibratedPlan.from_dict(execution.approval.calibrated)
@@ -193,10 +206,12 @@ class SiteRun:
               texts: list[str], labels: list[int]) -> dict[str, Any]:
         if stage not in STAGES:
             raise SiteRefusal(f"unknown stage {stage!r}: one of {', '.join(STAGES)}")
+        self._check_roster_pinned()  # at every stage: a pin the admin removed mid-run stops the run here
         approval = self.execution.approval
         self.audit.record(ExecutionAuthorised(request_id=approval.request_id, code_hash=approval.code_hash,
-                                              researcher=self.execution.researcher, dataset=approval.dataset,
-                                              round=round_index))
+                                              researcher=self.execution.researcher,
+                                              researcher_email=self.execution.researcher_email,
+                                              dataset=approval.dataset, round=round_index))
         if stage == "advertise_keys":
             return self._advertise(round_index, attempt)
         state_path = self._state_path(round_index, attempt)
@@ -208,7 +223,7 @@ class SiteRun:
             state, reply = share_keys(state, RoundKeys.from_wire(message.get("round_keys")))
             return self._persist(state_path, state, reply.to_wire())
         if stage == "mask_input":
-            return self._mask_input(state_path, state, round_index, message, texts, labels)
+            return self._mask_input(state_path, state, round_index, attempt, message, texts, labels)
         if stage == "consistency_check":
             state, signature = consistency_check(state, Survivors.from_wire(message.get("survivors")),
                                                  identity_key=load_identity_key(self.execution.data_dir))
@@ -223,7 +238,6 @@ class SiteRun:
         session_id = self.plan.session_id(round_index, attempt)
         if any(entry.record["session_id"] == session_id for entry in self.sessions.entries()):
             raise SiteRefusal(f"session {session_id} was already started here: a replayed round; use a new attempt")
-        self._check_roster_pins_this_site()
         self._check_budget(round_index)
         self.sessions.append({"session_id": session_id, "round": round_index, "attempt": attempt})
         identity = load_identity_key(self.execution.data_dir)
@@ -231,31 +245,54 @@ class SiteRun:
                                        identity_key=identity)
         return self._persist(self._state_path(round_index, attempt), state, advert.to_wire())
 
-    def _mask_input(self, state_path: Path, state: SiteRoundState, round_index: int, message: Mapping[str, Any],
-                    texts: list[str], labels: list[int]) -> dict[str, Any]:
-        """Round 2: DP-SGD on the private partition, ledger spend, then the masked update."""
-        self._check_fresh_round(round_index)
+    def _mask_input(self, state_path: Path, state: SiteRoundState, round_index: int, attempt: int,
+                    message: Mapping[str, Any], texts: list[str], labels: list[int]) -> dict[str, Any]:
+        """Round 2: DP-SGD on the private partition, ledger spend, then the masked update.
+
+        Everything from the freshness check to the release runs under the round's lock, so of two
+        attempts of one round sent at once only the first trains and releases; the second finds the
+        round spent (or the lock held) and is refused.
+        """
         incoming = IncomingShares.from_wire(message.get("incoming"))
         if incoming.recipient != self.execution.site:
             raise SiteRefusal(f"the forwarded shares are for {incoming.recipient!r}, not this site")
         global_vector = decode_vector(message.get("global_model"), self.plan.secure_sum.vector_length)
-        started = time.perf_counter()
-        model, tokenizer = self.make_model()
-        load_trainable(model, global_vector)
-        result = local_dp_round(
-            model, texts, labels, tokenizer=tokenizer, plan=self.calibrated, ledger=self.ledger,
-            private_fingerprint=self.private_fingerprint, run_id=self.plan.run_id, round_index=round_index,
-            device=self.execution.device,
-        )
-        trained = time.perf_counter()
-        update = result.flat_delta().cpu().numpy().astype(np.float32)
-        state, masked = mask_input(state, incoming, update)
-        self._audit_spend_and_release(round_index, result.ledger_record, masked.vector)
-        reply = self._persist(state_path, state, masked.to_wire())
-        reply["seconds"] = {"training": round(trained - started, 1), "masking": round(time.perf_counter() - trained, 1)}
-        # The researcher's own cumulative spend here (a function of the approved plan and its history).
-        reply["epsilon_spent"] = round(float(result.ledger_record.epsilon_after), 4) if result.ledger_record else 0.0
+        with self._round_lock(round_index):
+            self._check_fresh_round(round_index)
+            started = time.perf_counter()
+            model, tokenizer = self.make_model()
+            load_trainable(model, global_vector)
+            result = local_dp_round(
+                model, texts, labels, tokenizer=tokenizer, plan=self.calibrated, ledger=self.ledger,
+                private_fingerprint=self.private_fingerprint, run_id=self.plan.run_id, round_index=round_index,
+                device=self.execution.device,
+            )
+            trained = time.perf_counter()
+            update = result.flat_delta().cpu().numpy().astype(np.float32)
+            state, masked = mask_input(state, incoming, update)
+            self._audit_spend_and_release(round_index, result.ledger_record, masked.vector)
+            reply = self._persist(state_path, state, masked.to_wire())
+            timing_log.info("%s: round %d attempt %d trained in %.2f s, masked in %.2f s", self.execution.site,
+                            round_index, attempt, trained - started, time.perf_counter() - trained)
+        # The researcher's own cumulative spend here. It depends on the sampling rate, so a little on the
+        # partition's size: two decimals are what a researcher needs, and no more is said.
+        reply["epsilon_spent"] = round(float(result.ledger_record.epsilon_after), 2) if result.ledger_record else 0.0
         return reply
+
+    @contextmanager
+    def _round_lock(self, round_index: int) -> Iterator[None]:
+        """Exclusive, across processes, for one (run, round); a second attempt is refused, never queued."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with open(self.directory / f"round-{round_index}.lock", "a") as lock:
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise SiteRefusal(f"another attempt of round {round_index} is training here: only one attempt of a "
+                                  "round trains and releases") from None
+            try:
+                yield
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
     # ---- checks -------------------------------------------------------------------------------
     def _spent_rounds(self) -> set[int]:
@@ -268,15 +305,11 @@ class SiteRun:
         if spent and round_index < max(spent):
             raise SiteRefusal(f"round {round_index} is older than round {max(spent)}, which already ran here")
 
-    def _check_roster_pins_this_site(self) -> None:
-        site = self.execution.site
-        if site not in self.plan.roster:
-            raise SiteRefusal(f"the roster does not list {site}")
-        pinned = self.plan.roster.entries[self.plan.roster.position(site)].identity_key
-        own = load_identity_key(self.execution.data_dir).public_key().public_bytes_raw()
-        if pinned != own:
-            raise SiteRefusal(f"the roster pins key {pinned.hex()[:16]}... for {site}, but this site's identity key is "
-                              f"{own.hex()[:16]}...: a forged or outdated roster")
+    def _check_roster_pinned(self) -> None:
+        pins = PeerPins(self.execution.data_dir, own_name=self.execution.site).load()
+        problems = pins.roster_problems(self.plan.roster, self.plan.secure_sum.threshold)
+        if problems:
+            raise SiteRefusal("; ".join(problems))
 
     def _check_budget(self, round_index: int) -> None:
         event = self.calibrated.event(run_id=self.plan.run_id, round_index=round_index)

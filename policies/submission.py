@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import ast
 import importlib
+import io
 import pprint
 import tempfile
 import textwrap
 import time
+import tokenize
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -93,9 +95,38 @@ def _without_plan(node: ast.FunctionDef) -> tuple[str, ast.expr]:
     return ast.dump(node, annotate_fields=False, include_attributes=False), literal
 
 
+def _check_characters(source: str) -> None:
+    """Printable ASCII, newlines and no comments: what ``render_round_function`` writes, and nothing an
+    admin's terminal would interpret (an escape sequence in a comment can redraw the review shown)."""
+    odd = sorted({ch for ch in source if not (" " <= ch <= "~" or ch == "\n")})
+    if odd:
+        raise SubmissionError(f"the code holds characters outside printable ASCII ({', '.join(map(ascii, odd[:5]))}): "
+                              "regenerate it with researcher.federation")
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(textwrap.dedent(source)).readline))
+    except (tokenize.TokenError, SyntaxError) as exc:
+        raise SubmissionError(f"the code does not tokenize: {exc}") from None
+    if any(token.type == tokenize.COMMENT for token in tokens):
+        raise SubmissionError("the code holds a comment: the canonical round function has none")
+
+
+def _check_plan_strings(value: Any, where: str = "plan") -> None:
+    if isinstance(value, str):
+        if not value.isprintable():
+            raise SubmissionError(f"{where} holds a non-printable character")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_plan_strings(key, where)
+            _check_plan_strings(item, f"{where}[{key!r}]")
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _check_plan_strings(item, where)
+
+
 def canonical_plan(source: str) -> dict[str, Any]:
     """The plan of a canonical round function; raises SubmissionError for anything else."""
     node = _function_node(source)
+    _check_characters(source)
     shape, literal = _without_plan(node)
     try:
         plan = ast.literal_eval(literal)
@@ -103,6 +134,7 @@ def canonical_plan(source: str) -> dict[str, Any]:
         raise SubmissionError("the plan must be a literal (no names, calls or expressions)") from None
     if not isinstance(plan, dict) or not isinstance(plan.get("run_id"), str):
         raise SubmissionError("the plan must be a dict with a 'run_id'")
+    _check_plan_strings(plan)
     expected, _ = _without_plan(_function_node(ROUND_FUNCTION_TEMPLATE.format(
         name=function_name(plan["run_id"]), plan="None")))
     if shape != expected:
@@ -130,7 +162,7 @@ def dry_run(source: str, data: Any, *, site: str, researcher: str, approval: Any
     exec(code, namespace)
     with tempfile.TemporaryDirectory() as scratch:
         execution = ExecutionContext(site=site, data_dir=Path(scratch), approval=approval, researcher=researcher,
-                                     dry_run=True)
+                                     researcher_email=approval.researcher_email, dry_run=True)
         with authorised(execution):
             result = namespace[function_name(plan["run_id"])](data=data, stage="dry_run", message={})
     return dict(result)

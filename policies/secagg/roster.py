@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
+from policies.identity import check_ed25519_public_key
 from policies.secagg.crypto import KEY_BYTES
 from policies.secagg.errors import SecAggConfigError, SecAggProtocolError
 from policies.secagg.wire import b64encode, check_site_id, fields, read_b64, read_list, read_str
@@ -37,11 +36,9 @@ class RosterEntry:
                 f"the identity key of {self.site_id} must be {KEY_BYTES} raw Ed25519 bytes"
             )
         try:
-            Ed25519PublicKey.from_public_bytes(self.identity_key)
+            check_ed25519_public_key(self.identity_key)
         except ValueError as exc:
-            raise SecAggConfigError(
-                f"the identity key of {self.site_id} is not an Ed25519 public key"
-            ) from exc
+            raise SecAggConfigError(f"the identity key of {self.site_id} is refused: {exc}") from exc
 
 
 @dataclass(frozen=True)

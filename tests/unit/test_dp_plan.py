@@ -14,6 +14,8 @@ from researcher.models import TrainableSet, build_model, tiny_bert_config
 
 pytestmark = pytest.mark.unit
 
+ALICE = "a11ce0000000000000000000000000a1"  # the researcher's syft user id
+
 GOOD = {"clip_norm": 1.0, "delta": 1e-5, "expected_batch_size": 64, "local_steps": 10, "rounds": 5, "noise_multiplier": 1.0}
 
 
@@ -93,7 +95,7 @@ def test_frozen_model_is_refused() -> None:
 def test_calibration_refuses_a_plan_over_the_budget(tmp_path: Path) -> None:
     # Prepare
     BudgetBook(tmp_path).set("imdb", PrivacyBudget(epsilon=1.0, delta=1e-5), n_records=10_000)
-    ledger = PrivacyLedger(tmp_path, "imdb", "alice", site="site-a", accountant="rdp")
+    ledger = PrivacyLedger(tmp_path, "imdb", ALICE, site="site-a", accountant="rdp")
     plan = DPPlan(**(GOOD | {"noise_multiplier": 0.6, "accountant": "rdp"}))
 
     # Execute / Assert

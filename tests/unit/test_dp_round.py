@@ -25,6 +25,8 @@ from researcher.models import TrainableSet, build_model, tiny_bert_config, tiny_
 
 pytestmark = pytest.mark.unit
 
+ALICE = "a11ce0000000000000000000000000a1"  # the researcher's syft user id
+
 WORDS = ("good", "bad", "movie", "film", "great", "awful", "plot", "actor")
 N = 120
 
@@ -39,7 +41,7 @@ def _setup(tmp_path: Path, *, epsilon: float = 20.0, mode: str = "ghost", kind: 
     torch.manual_seed(0)
     model = build_model(config=tiny_bert_config(vocab_size=len(tokenizer)), trainable=TrainableSet(kind=kind))
     BudgetBook(tmp_path).set("imdb", PrivacyBudget(epsilon=epsilon, delta=1e-3), n_records=N)
-    ledger = PrivacyLedger(tmp_path, "imdb", "alice", site="site-a", accountant="rdp")
+    ledger = PrivacyLedger(tmp_path, "imdb", ALICE, site="site-a", accountant="rdp")
     plan = DPPlan(
         clip_norm=1.0,
         delta=1e-3,
@@ -156,7 +158,7 @@ def test_lora_round_returns_only_adapter_and_head_deltas(tmp_path: Path) -> None
 def test_calibration_takes_the_larger_noise_of_target_and_budget(tmp_path: Path) -> None:
     # Prepare: a generous target (50) and a budget of 4: the budget decides
     BudgetBook(tmp_path).set("imdb", PrivacyBudget(epsilon=4.0, delta=1e-5), n_records=10_000)
-    ledger = PrivacyLedger(tmp_path, "imdb", "alice", site="site-a", accountant="rdp")
+    ledger = PrivacyLedger(tmp_path, "imdb", ALICE, site="site-a", accountant="rdp")
     common = {"clip_norm": 1.0, "delta": 1e-5, "expected_batch_size": 100, "local_steps": 50, "rounds": 4, "accountant": "rdp"}
 
     # Execute

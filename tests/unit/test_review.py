@@ -368,3 +368,11 @@ def test_code_hash_treats_crlf_and_cr_line_endings_as_lf() -> None:
     # Execute / Assert
     assert code_hash(unix.replace("\n", "\r\n")) == code_hash(unix)
     assert code_hash(unix.replace("\n", "\r")) == code_hash(unix)
+
+
+def test_printable_shows_terminal_escapes_instead_of_obeying_them() -> None:
+    from policies.review import printable
+
+    shown = printable("line one\n\x1b[2J\x1b[Hfake review\tok\u202egnp.exe\x07")
+
+    assert shown == "line one\n\\x1b[2J\\x1b[Hfake review\tok\\u202egnp.exe\\x07"

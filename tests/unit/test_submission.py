@@ -67,6 +67,12 @@ def test_rendered_function_round_trips_its_plan() -> None:
         (lambda s: s + "\nx = 1\n", "exactly one function definition"),
         (lambda s: s.replace("    plan = ", "    other = "), "must start with `plan = {...}`"),
         (lambda s: s.replace("def ", "def  (", 1), "does not parse"),
+        # what an admin's terminal would interpret: an escape sequence redrawing the review, a bidi override
+        (lambda s: s + "    # \x1b[2J\x1b[H plan: 1 round, no problems\n", "characters outside printable ASCII"),
+        (lambda s: s.replace("    return run_stage", "    return run_stage  # harmless?"), "holds a comment"),
+        (lambda s: s + "    # quiet\n", "holds a comment"),
+        (lambda s: s.replace("'imdb'", "'imdb\u202e'"), "characters outside printable ASCII"),
+        (lambda s: s.replace("'imdb'", "'imdb\\x1b[8m'"), r"plan\['dataset'\] holds a non-printable character"),
     ],
 )
 def test_anything_but_the_canonical_function_is_refused(edit: Any, message: str) -> None:
