@@ -24,7 +24,9 @@ cell truncates a longer review to its first 32 and last 94 tokens, ``--tail-toke
 from __future__ import annotations
 
 import argparse
+import logging
 import math
+import re
 import secrets
 import sys
 import tempfile
@@ -39,7 +41,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from datasites.admin import add_researcher, upload_partition  # noqa: E402
+from datasites.admin import add_researcher, pin_each_other, upload_partition  # noqa: E402
 from datasites.data import load_imdb  # noqa: E402
 from datasites.partition import partition_indices  # noqa: E402
 from datasites.review_queue import approve_request, list_requests  # noqa: E402
@@ -47,6 +49,7 @@ from datasites.server import check_site_device  # noqa: E402
 from fedsite.demo import SITE_NAMES, http_sites, in_process_sites  # noqa: E402
 from policies.budget import PrivacyBudget  # noqa: E402
 from policies.dp import encode_texts, recipe_tail_tokens  # noqa: E402
+from policies.site_runtime import timing_log  # noqa: E402
 from researcher.calibration import evaluate_and_calibrate  # noqa: E402
 from researcher.evaluation import load_test_subset  # noqa: E402
 from researcher.fedavg import apply_flat_delta, flatten_trainable  # noqa: E402
@@ -122,6 +125,37 @@ def partitions(args: argparse.Namespace, scheme: str) -> list[Any]:
     return [reviews.iloc[p[: args.reviews_per_site]].reset_index(drop=True) for p in parts]
 
 
+# What a site writes to its own log after each round's training (policies.site_runtime.timing_log). Sites do
+# not tell researchers how long private work took; the benchmark, which runs the sites, reads their logs.
+_TIMING = re.compile(r"(?P<site>[a-z0-9-]+): round (?P<round>\d+) attempt \d+ trained in (?P<training>[0-9.]+) s, "
+                     r"masked in (?P<masking>[0-9.]+) s")
+
+
+class SiteTimings(logging.Handler):
+    """Collects the sites' timing lines: from in-process sites as log records, from served ones out of their logs."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def read_logs(self, paths: list[Path]) -> None:
+        for path in paths:
+            if path.exists():
+                self.lines += path.read_text(encoding="utf-8", errors="replace").splitlines()
+
+    def per_round(self) -> list[dict[str, float]]:
+        """For each round, the slowest site's training and masking seconds."""
+        rounds: dict[int, dict[str, float]] = {}
+        for match in filter(None, (_TIMING.search(line) for line in self.lines)):
+            slowest = rounds.setdefault(int(match["round"]), {"site_training": 0.0, "site_masking": 0.0})
+            for key in ("training", "masking"):
+                slowest[f"site_{key}"] = max(slowest[f"site_{key}"], float(match[key]))
+        return [rounds[index] for index in sorted(rounds)]
+
+
 def breakdown(seconds: list[dict[str, float]]) -> dict[str, float]:
     stages = ("advertise_keys", "share_keys", "mask_input", "consistency_check", "unmask")
     mean = {key: float(np.mean([s.get(key, 0.0) for s in seconds])) for key in {k for s in seconds for k in s}}
@@ -141,6 +175,8 @@ def dp_cell(args: argparse.Namespace, scheme: str, epsilon: float, work: Path) -
     passwords = {name: secrets.token_urlsafe(18) for name in SITES}
     researcher_password = secrets.token_urlsafe(18)
     sites_context = http_sites if args.http else in_process_sites
+    timings = SiteTimings()
+    logging.getLogger(timing_log.name).addHandler(timings)
     with sites_context(work, passwords, device=args.site_device) as raw_sites:
         handles, admins = [], []
         for (name, (site_dir, admin_login, researcher_login)), rows in zip(raw_sites.items(), partitions(args, scheme),
@@ -152,6 +188,7 @@ def dp_cell(args: argparse.Namespace, scheme: str, epsilon: float, work: Path) -
             admins.append((admin, site_dir))
             handles.append(SiteHandle(name=name, client=researcher_login("bench@fedsite.org", researcher_password),
                                       identity_key=site_dir.identity_public_hex()))
+        pin_each_other([site_dir for _, site_dir in admins])
         spec = dp_start(args)
         vector_length = len(flatten_trainable(build_from_spec(spec)[0])[0])
         dp = {"clip_norm": args.clip, "delta": args.delta, "expected_batch_size": args.batch,
@@ -169,8 +206,13 @@ def dp_cell(args: argparse.Namespace, scheme: str, epsilon: float, work: Path) -
                                                                   test_size=args.test_size, progress=False,
                                                                   calibration_texts=calibration))
         report = trainer.run()
+    logging.getLogger(timing_log.name).removeHandler(timings)
+    timings.read_logs([work / f"{name}.log" for name in SITES] if args.http else [])
+    site_seconds = timings.per_round()
+    seconds = [{**dict(r.seconds), **(site_seconds[i] if i < len(site_seconds) else {})}
+               for i, r in enumerate(report.rounds)]
     return Cell(scheme, epsilon, tuple(r.accuracy for r in report.rounds), time.perf_counter() - started,
-                breakdown([dict(r.seconds) for r in report.rounds]),
+                breakdown(seconds),
                 tuple(r.uncalibrated_accuracy for r in report.rounds if r.uncalibrated_accuracy is not None))
 
 

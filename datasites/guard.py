@@ -38,13 +38,21 @@ class GuardedSite:
 
 
 def register_site(server_uid: str, *, name: str, data_dir: Path, device: str = "cpu") -> None:
-    """Put the site served by ``server_uid`` under the guard (installing the guard once per process)."""
+    """Put the site served by ``server_uid`` under the guard and the API gate (installed once per process)."""
+    from datasites.gate import install_gate
+
     install_guard()
+    install_gate()
     _sites[server_uid] = GuardedSite(name=name, data_dir=Path(data_dir), device=device)
 
 
 def unregister_site(server_uid: str) -> None:
     _sites.pop(server_uid, None)
+
+
+def site_for(server_uid: str) -> GuardedSite | None:
+    """The registered site served by ``server_uid``, if any."""
+    return _sites.get(server_uid)
 
 
 def is_guard_installed() -> bool:
@@ -68,7 +76,7 @@ def install_guard() -> None:
             try:
                 with authorised(execution):
                     return original(self, context, code_item, kwargs, result_id)
-            finally:
+            finally:  # reached only for an authorised call: a refused one raised above and deletes nothing
                 discard_call_inputs(self, context, kwargs)
 
         guarded.__fedsite_guard__ = True  # type: ignore[attr-defined]
@@ -80,12 +88,18 @@ CALL_INPUTS = ("stage", "message")  # the researcher's per-call values of the ca
 
 
 def discard_call_inputs(action_service: Any, context: Any, kwargs: dict[str, Any]) -> None:
-    """Delete the researcher's per-call inputs once the call is over.
+    """Delete the researcher's per-call inputs once an authorised call is over.
 
     syft keeps every uploaded argument, and puts those over 1 MB (a global model) in blob storage
-    that it never cleans up (SYFT_NOTES.md, "Persistence"); over many rounds that fills the site's
+    that it never cleans up (docs/syft.md, "Persistence"); over many rounds that fills the site's
     disk. The inputs are not needed after the call: the site's own state lives in its data dir.
+
+    The deletion runs with the server's rights, so it is confined to what the caller could delete
+    itself: only objects the caller owns (syft's OWNER permission for the caller's key). A UID of
+    someone else's object (another dataset's private asset, another researcher's input) passed as
+    ``stage`` or ``message`` is left alone.
     """
+    from syft.service.action.action_permissions import ActionObjectPermission, ActionPermission
     from syft.service.context import AuthedServiceContext
     from syft.service.user.user_roles import ServiceRole
     from syft.types.errors import SyftException
@@ -94,11 +108,16 @@ def discard_call_inputs(action_service: Any, context: Any, kwargs: dict[str, Any
     admin = AuthedServiceContext(server=context.server, credentials=context.server.verify_key, role=ServiceRole.ADMIN)
     for name in CALL_INPUTS:
         uid = kwargs.get(name)
-        if isinstance(uid, UID):
-            try:
-                action_service.delete(admin, uid)
-            except SyftException as exc:
-                logger.warning("could not delete the %s input %s of a call: %s", name, uid, exc)
+        if not isinstance(uid, UID):
+            continue
+        owned = ActionObjectPermission(uid=uid, credentials=context.credentials, permission=ActionPermission.OWNER)
+        if not action_service.stash.has_permission(owned):
+            logger.warning("kept the %s input %s of a call: the caller does not own it", name, uid)
+            continue
+        try:
+            action_service.delete(admin, uid)
+        except SyftException as exc:
+            logger.warning("could not delete the %s input %s of a call: %s", name, uid, exc)
 
 
 def _refuse(message: str) -> Exception:
@@ -112,16 +131,17 @@ def authorise(context: Any, code_item: Any, kwargs: dict[str, Any]) -> Execution
     site = _sites.get(str(context.server.id.no_dash))
     if site is None:
         raise _refuse("refused: this server is not a registered Fedsite site (the guard fails closed)")
-    researcher = context.server.services.user.get_current_user(context).email
+    user = context.server.services.user.get_current_user(context)
+    researcher, email = str(user.id.no_dash), str(user.email)
     digest = code_hash(code_item.raw_code)
     approval = ApprovalRegistry(site.data_dir).find(digest, researcher=researcher)
     audit = AuditLog(site.data_dir)
     request_id = str(code_item.id.no_dash)
     if approval is None:
-        reason = (f"{site.name}: refused: code {digest[:12]} has no Fedsite approval for {researcher} "
+        reason = (f"{site.name}: refused: code {digest[:12]} has no Fedsite approval for {email} (id {researcher}) "
                   "(unapproved, changed after approval, or revoked); submit it for review")
         audit.record(ExecutionRefused(request_id=request_id, code_hash=digest, researcher=researcher,
-                                      dataset="?", round=None, reason=reason))
+                                      researcher_email=email, dataset="?", round=None, reason=reason))
         raise _refuse(reason)
     return ExecutionContext(site=site.name, data_dir=site.data_dir, approval=approval, researcher=researcher,
-                            device=site.device)
+                            researcher_email=email, device=site.device)

@@ -16,14 +16,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 from datasites.errors import FedsiteError
+from datasites.mock import describe_mock_record
 from datasites.sitedir import SiteDir
 from policies.approvals import Approval, ApprovalRegistry
 from policies.audit import AuditLog, RequestApproved, RequestDenied
-from policies.dp import CalibratedPlan, DPPlanError, calibrate_plan
+from policies.dp import CalibratedPlan, DPPlan, DPPlanError, calibrate_plan
 from policies.federated_plan import FederatedPlan, FederatedPlanError
 from policies.fingerprint import UnknownDatasetError, read_dataset_facts
 from policies.ledger import BudgetExceededError, PrivacyLedger
-from policies.review import CodeReview, code_hash, review_code
+from policies.peers import PeerPins, RosterEntryStatus
+from policies.review import CodeReview, code_hash, printable, review_code
 from policies.submission import SubmissionError, canonical_plan, dry_run, function_name
 from policies.syft_client import quiet
 
@@ -35,9 +37,11 @@ ASSET = "reviews"
 @dataclass(frozen=True)
 class RequestSummary:
     request_id: str  # syft request UID, hex
-    function: str  # the submitted function's name
-    researcher: str  # requesting user's email
+    function: str  # the submitted function's name; for a request that is not a code request, its kind
+    researcher: str  # requesting user's immutable id (syft user id; the key of approvals and ledgers)
+    researcher_email: str  # requesting user's e-mail, shown beside the id
     status: str  # pending / approved / rejected
+    is_code: bool = True  # False for any other kind of syft request: listed, never reviewed or approved
 
 
 @dataclass(frozen=True)
@@ -53,10 +57,13 @@ class ReviewReport:
     spent_epsilon: float | None
     dry_run: dict[str, Any] | None
     problems: tuple[str, ...] = field(default=())
+    roster: tuple[RosterEntryStatus, ...] = field(default=())  # every roster entry: key fingerprint, pin status
+    warnings: tuple[str, ...] = field(default=())  # shown as WARNING lines; they do not block approval
+    mock_twin: str | None = None  # the dataset's mock: size, label balance and their source (datasites.mock)
 
     def render_text(self) -> str:
         s = self.summary
-        lines = [f"request {s.request_id}  {s.function}  from {s.researcher}  [{s.status}]", "",
+        lines = [f"request {s.request_id}  {s.function}  from {s.researcher_email} (id {s.researcher})  [{s.status}]", "",
                  "--- code " + "-" * 60, self.code.rstrip(), "-" * 69, "", self.code_review.render_text(), ""]
         if self.plan is not None:
             dp = self.plan.dp
@@ -73,27 +80,55 @@ class ReviewReport:
                       + (f" (of a longer one its first {dp.max_length - 2 - dp.tail_tokens} and last {dp.tail_tokens})"
                          if dp.tail_tokens else " (its first ones)"),
                       f"  secure sum over {', '.join(self.plan.roster.site_ids)} (threshold "
-                      f"{self.plan.secure_sum.threshold}, {self.plan.secure_sum.vector_length} values)"]
+                      f"{self.plan.secure_sum.threshold}, {self.plan.secure_sum.vector_length} values); roster:"]
+            lines += [f"    {entry.site_id:<20} key {entry.fingerprint}  {entry.status}" for entry in self.roster]
         if self.calibrated is not None:
             lines.append(f"privacy: noise multiplier {self.calibrated.noise_multiplier:.3f}; this run alone epsilon "
                          f"{self.calibrated.run_epsilon:.3f}; spent so far {self.spent_epsilon:.3f}; projected "
                          f"{self.calibrated.projected_epsilon:.3f} of budget {self.budget_epsilon:g}")
         if self.dry_run is not None:
             lines.append(f"dry run on the mock twin: {self.dry_run}")
+        if self.mock_twin is not None:
+            lines.append(f"mock twin: {self.mock_twin}")
         lines.append("")
+        lines += [f"WARNING: {warning}" for warning in self.warnings]
         lines += ["PROBLEMS (approval refused):", *(f"  - {p}" for p in self.problems)] if self.problems else \
             ["no problems: the request can be approved"]
-        return "\n".join(lines)
+        return printable("\n".join(lines))  # the code and plan are the researcher's text: no terminal escapes
+
+
+SECURE_NOISE_OFF = (
+    "this plan turns off cryptographically secure noise (dp.secure_mode = false): its DP-SGD noise and Poisson "
+    "batches would come from torch's generators, which are not cryptographic and which code in the site's process "
+    "can seed, with no defence against floating-point attacks on the noise; approve it for a benchmark or a test "
+    "on data that is not private, never otherwise"
+)
+
+
+def plan_warnings(dp: DPPlan) -> tuple[str, ...]:
+    """What the admin must read before approving ``dp`` but that does not block approval (``problems`` do)."""
+    return () if dp.secure_mode else (SECURE_NOISE_OFF,)
 
 
 def _status(request: Any) -> str:
     return str(request.status).rsplit(".", 1)[-1].lower()
 
 
+def _summary(client: Any, request: Any) -> RequestSummary:
+    """One request as the admin sees it; a request of another kind than code is named by its changes."""
+    user = client.api.services.user.get_by_verify_key(request.requesting_user_verify_key)
+    researcher, email = str(user.id.no_dash), str(user.email)
+    code = request.code
+    if not hasattr(code, "service_func_name"):  # syft answers a SyftError for a request without code
+        kinds = ", ".join(sorted({type(change).__name__ for change in request.changes})) or "no changes"
+        return RequestSummary(str(request.id.no_dash), f"(not a code request: {kinds})", researcher, email,
+                              _status(request), is_code=False)
+    return RequestSummary(str(request.id.no_dash), code.service_func_name, researcher, email, _status(request))
+
+
 def list_requests(client: Any) -> list[RequestSummary]:
     with quiet():
-        return [RequestSummary(str(r.id.no_dash), r.code.service_func_name, r.requesting_user_email, _status(r))
-                for r in client.requests]
+        return [_summary(client, r) for r in client.requests]
 
 
 def _find(client: Any, request_id: str) -> Any:
@@ -136,14 +171,18 @@ def review_request(client: Any, site: SiteDir, request_id: str, *, with_dry_run:
     """Build the admin's review of one request (reads only; changes nothing)."""
     request = _find(client, request_id)
     with quiet():
+        summary = _summary(client, request)
+        if not summary.is_code:
+            raise FedsiteError(f"request {summary.request_id[:12]} is {summary.function[1:-1]}: a Fedsite site reviews "
+                               "and approves only code requests; deny it with `fedsite admin deny`")
         code = request.code
         raw = code.raw_code
-        summary = RequestSummary(str(request.id.no_dash), code.service_func_name, request.requesting_user_email,
-                                 _status(request))
     problems: list[str] = []
     static = review_code(raw)
     problems += [f"static review: {f.category.value} at line {f.line}: {f.detail}" for f in static.findings]
     plan = calibrated = None
+    roster: tuple[RosterEntryStatus, ...] = ()
+    mock_twin: str | None = None
     budget = spent = dry = None
     try:
         plan = FederatedPlan.parse(canonical_plan(raw))
@@ -156,9 +195,12 @@ def review_request(client: Any, site: SiteDir, request_id: str, *, with_dry_run:
     asset_id = str(asset.action_id.no_dash) if asset is not None else None
     problems += _policy_problems(code, asset_id)
     if plan is not None:
-        problems += _roster_problems(plan, site)
+        pins = PeerPins(site.path, own_name=meta.name).load()
+        roster = tuple(pins.roster_status(plan.roster))
+        problems += pins.roster_problems(plan.roster, plan.secure_sum.threshold)
         try:
             facts = read_dataset_facts(site.path, plan.dataset)
+            mock_twin = describe_mock_record(facts.get("mock"))
             ledger = PrivacyLedger(site.path, plan.dataset, summary.researcher, site=meta.name,
                                    accountant=plan.dp.accountant)
             budget, spent = ledger.budget.epsilon, ledger.spent()
@@ -169,7 +211,8 @@ def review_request(client: Any, site: SiteDir, request_id: str, *, with_dry_run:
             with quiet():
                 mock = asset.mock
             dry = _dry_run(mock, site, raw, summary, plan, calibrated, problems)
-    return ReviewReport(summary, raw, static, plan, calibrated, budget, spent, dry, tuple(problems))
+    return ReviewReport(summary, raw, static, plan, calibrated, budget, spent, dry, tuple(problems), roster=roster,
+                        warnings=plan_warnings(plan.dp) if plan is not None else (), mock_twin=mock_twin)
 
 
 def _asset(client: Any, dataset: str) -> Any | None:
@@ -180,23 +223,11 @@ def _asset(client: Any, dataset: str) -> Any | None:
             return None
 
 
-def _roster_problems(plan: FederatedPlan, site: SiteDir) -> list[str]:
-    name = site.meta().name
-    if name not in plan.roster:
-        return [f"the roster does not list this site ({name})"]
-    pinned = plan.roster.entries[plan.roster.position(name)].identity_key.hex()
-    own = site.identity_public_hex()
-    if pinned != own:
-        return [f"the roster pins key {pinned[:16]}... for {name}, but this site's key is {own[:16]}...: "
-                "check the roster with the other admins (`fedsite admin identity`)"]
-    return []
-
-
 def _dry_run(mock: Any, site: SiteDir, raw: str, summary: RequestSummary, plan: FederatedPlan,
              calibrated: CalibratedPlan | None, problems: list[str]) -> dict[str, Any] | None:
     """Run the exact submitted function on the mock twin, in this process, spending nothing."""
     provisional = Approval(request_id=summary.request_id, code_hash=code_hash(raw), researcher=summary.researcher,
-                           dataset=plan.dataset, plan=dict(plan.raw), calibrated=calibrated.to_dict() if calibrated else {},
+                           researcher_email=summary.researcher_email, dataset=plan.dataset, plan=dict(plan.raw), calibrated=calibrated.to_dict() if calibrated else {},
                            admin="review", approved_at=datetime.now(UTC).isoformat())
     result = dry_run(raw, mock, site=site.meta().name, researcher=summary.researcher, approval=provisional)
     if "refused" in result:
@@ -214,12 +245,14 @@ def approve_request(client: Any, site: SiteDir, request_id: str, *, admin: str) 
     if report.plan is None or report.calibrated is None:
         raise FedsiteError(f"request {request_id} has no valid plan")
     approval = Approval(request_id=report.summary.request_id, code_hash=code_hash(report.code),
-                        researcher=report.summary.researcher, dataset=report.plan.dataset,
+                        researcher=report.summary.researcher, researcher_email=report.summary.researcher_email,
+                        dataset=report.plan.dataset,
                         plan=dict(report.plan.raw), calibrated=report.calibrated.to_dict(), admin=admin,
                         approved_at=datetime.now(UTC).isoformat())
     ApprovalRegistry(site.path).record(approval)
     AuditLog(site.path).record(RequestApproved(request_id=approval.request_id, code_hash=approval.code_hash,
-                                               researcher=approval.researcher, dataset=approval.dataset,
+                                               researcher=approval.researcher,
+                                               researcher_email=approval.researcher_email, dataset=approval.dataset,
                                                plan_digest=approval.plan_digest, admin=admin))
     with quiet():
         _find(client, request_id).approve()
@@ -232,9 +265,11 @@ def deny_request(client: Any, site: SiteDir, request_id: str, *, reason: str, ad
         raise FedsiteError("a denial needs a reason the researcher will see: pass --reason '...'")
     request = _find(client, request_id)
     with quiet():
-        raw, researcher = request.code.raw_code, request.requesting_user_email
-    AuditLog(site.path).record(RequestDenied(request_id=str(request.id.no_dash), code_hash=code_hash(raw),
-                                             researcher=researcher, dataset=_planned_dataset(raw), admin=admin,
+        summary = _summary(client, request)
+        raw = request.code.raw_code if summary.is_code else ""
+    AuditLog(site.path).record(RequestDenied(request_id=summary.request_id, code_hash=code_hash(raw),
+                                             researcher=summary.researcher, researcher_email=summary.researcher_email,
+                                             dataset=_planned_dataset(raw) if summary.is_code else "?", admin=admin,
                                              reason=reason))
     with quiet():
         request.deny(reason=reason)
@@ -260,6 +295,7 @@ def revoke_approval(site: SiteDir, request_id: str, *, reason: str, admin: str) 
     approval = matches[0]
     registry.revoke(approval.code_hash, reason=reason, admin=admin)
     AuditLog(site.path).record(RequestDenied(request_id=approval.request_id, code_hash=approval.code_hash,
-                                             researcher=approval.researcher, dataset=approval.dataset, admin=admin,
+                                             researcher=approval.researcher, researcher_email=approval.researcher_email,
+                                             dataset=approval.dataset, admin=admin,
                                              reason=f"approval revoked: {reason}"))
     return approval

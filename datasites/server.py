@@ -1,29 +1,42 @@
-"""Running a datasite: in-process (tests, demo) or as its own HTTP server process (`fedsite serve`).
+"""Running a datasite: in-process (tests, demo) or as its own HTTP(S) server process (`fedsite serve`).
 
 Both build the same syft ``Datasite`` from the data dir, with the identity, store and blob folder
 stored there, the admin password given by the owner, ``dev_mode`` off (so tracebacks, which can
-carry private values, never reach researchers) and guest signup off.
+carry private values, never reach researchers) and guest signup off. Both make the data dir private
+(0700 folders, 0600 files) before the site starts and create files under umask 0o077 while it runs.
+
+`fedsite serve` speaks HTTPS when given a certificate and key. Plain HTTP carries the admin's and the
+researchers' passwords, syft's session keys, code and results in clear, so it listens only on loopback
+unless the owner passes ``insecure_http`` (for a TLS-terminating proxy on the same host, say).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import secrets
 import signal
 import socket
+import ssl
+import stat
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from datasites.errors import FedsiteError
 from datasites.guard import register_site, unregister_site
+from datasites.migrate import BACKUP_DIR, migrate_format1, researcher_ids
 from datasites.secrets import check_password_strength
 from datasites.server_errors import relay_unexpected_server_errors
-from datasites.sitedir import SiteDir, SiteMeta, check_site_name
+from datasites.sitedir import FORMAT, SiteDir, SiteMeta, check_site_name
 from datasites.syft_speedups import install_syft_speedups
 from policies.submission import load_runtime
 from policies.syft_client import SiteConnectionError, prepare_syft_environment, quiet
 from policies.syft_client import login as client_login
 
 DEFAULT_HOST = "127.0.0.1"
+PRIVATE_UMASK = 0o077  # files 0600, folders 0700
 
 
 def default_admin_email(name: str) -> str:
@@ -64,7 +77,7 @@ def open_site_dir(data_dir: str | os.PathLike[str], *, name: str | None, admin_e
     """Check (and, for a new or empty folder, plan) the data dir; changes nothing on disk."""
     site = SiteDir(data_dir)
     if site.exists():
-        meta = site.meta()
+        meta = site.meta(current=False)  # an older format is migrated at start (launch_in_process)
         if name is not None and name != meta.name:
             raise FedsiteError(f"data dir {site.path} belongs to site {meta.name!r}, not {name!r}: fix --name")
     else:
@@ -87,9 +100,91 @@ def check_port_free(host: str, port: int) -> None:
             raise FedsiteError(f"port {port} on {host} is in use ({exc.strerror}): choose another --port") from None
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable only from this machine (localhost, 127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def check_transport(
+    host: str, *, tls_cert: str | os.PathLike[str] | None, tls_key: str | os.PathLike[str] | None,
+    insecure_http: bool,
+) -> str:
+    """The scheme a site serves (``https`` or ``http``) under the flags given; refuses unsafe or unclear ones.
+
+    Plain HTTP on an address other machines reach would send passwords and session keys in clear, so
+    a non-loopback ``host`` needs TLS or an explicit ``insecure_http``. The TLS files are checked here,
+    before the site starts: both given, present, the key not readable by every user, and loadable as a
+    certificate with its key.
+    """
+    if (tls_cert is None) != (tls_key is None):
+        raise FedsiteError("--tls-cert and --tls-key go together: pass both (the certificate chain and its "
+                           "private key, PEM)")
+    if tls_cert is not None and tls_key is not None:
+        if insecure_http:
+            raise FedsiteError("--insecure-http contradicts --tls-cert/--tls-key: drop one of them")
+        check_tls_files(Path(tls_cert), Path(tls_key))
+        return "https"
+    if not is_loopback(host) and not insecure_http:
+        raise FedsiteError(
+            f"--host {host} is reachable from other machines, and plain HTTP sends the admin's and researchers' "
+            "passwords and session keys in clear: pass --tls-cert CERT.pem --tls-key KEY.pem, or listen on "
+            "127.0.0.1 (behind a TLS proxy), or accept the risk with --insecure-http"
+        )
+    return "http"
+
+
+def check_tls_files(cert: Path, key: Path) -> None:
+    """Refuse a missing certificate or key, a key file every user can read, or a pair that does not load."""
+    for flag, path in (("--tls-cert", cert), ("--tls-key", key)):
+        if not path.is_file():
+            raise FedsiteError(f"{flag} {path} does not exist: pass the PEM file")
+    mode = stat.S_IMODE(key.stat().st_mode)
+    if mode & stat.S_IRWXO:
+        raise FedsiteError(f"--tls-key {key} is mode {mode:04o}, readable by every user of this machine: "
+                           f"`chmod 600 {key}`")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=_refuse_key_password)
+    except ssl.SSLError as exc:
+        raise FedsiteError(f"--tls-cert {cert} and --tls-key {key} do not load as a certificate and its private "
+                           f"key ({exc.reason or exc}): pass the PEM certificate chain and the key it was made "
+                           "for") from None
+
+
+def _refuse_key_password() -> bytes:
+    raise FedsiteError("the --tls-key file is encrypted, and `fedsite serve` cannot ask for its passphrase: "
+                       "store it decrypted and chmod 600 (`openssl pkey -in KEY -out KEY.plain`)")
+
+
+def _create_private_files() -> None:
+    """Files and folders this process creates from now on are the owner's alone (0600 / 0700).
+
+    The umask is process-wide (there is no per-thread one). That is right for `fedsite serve`: the
+    process serves one data dir, and everything it writes (syft's SQLite store with its -wal/-shm
+    files, blobs, journals, syft's job workers' files) belongs to that site. In-process sites (tests,
+    the demo) share their process with the caller, whose files then are born private too: stricter,
+    never looser, and nothing a site writes is meant to be shared.
+    """
+    os.umask(PRIVATE_UMASK)
+
+
+def _tighten_data_dir(site: SiteDir) -> None:
+    """Make the data dir private, saying what was open; refuse (naming the fix) if it cannot be."""
+    changes = site.tighten_modes()
+    if changes:
+        shown = ", ".join(change.describe() for change in changes[:5])
+        more = f" and {len(changes) - 5} more" if len(changes) > 5 else ""
+        print(f"fedsite: data dir {site.path} was open to other users; made {len(changes)} entries private: "
+              f"{shown}{more}", file=sys.stderr, flush=True)
+
+
 def build_datasite(site: SiteDir, *, admin_password: str, db_url: str | None = None, n_consumers: int = 0) -> Any:
     """The syft Datasite for this data dir (its own identity, store and blobs)."""
-    meta = site.meta()
+    meta = site.meta(current=False)
     _prepare_syft_environment()
     with quiet():
         from syft.server.credentials import SyftSigningKey
@@ -178,14 +273,20 @@ def launch_in_process(
 
     ``device`` is where approved rounds train (``cpu``, ``cuda``, ``cuda:N``): the site's hardware, so the
     owner's choice, not the researcher's; it changes speed, never the privacy accounting.
+
+    Every start makes the data dir private (``SiteDir.tighten_modes``: folders 0700, files 0600, saying
+    on stderr what it changed) or refuses, naming the fix, when it cannot; from then on this process
+    creates files under umask 0o077 (``_create_private_files``).
     """
     check_password_strength(admin_password)
     check_site_device(device)
     site = open_site_dir(data_dir, name=name, admin_email=admin_email)
+    _create_private_files()
     if not site.exists():
         site.create(name=str(name), admin_email=admin_email or default_admin_email(str(name)))
     site.acquire()
     try:
+        _tighten_data_dir(site)
         worker = build_datasite(site, admin_password=admin_password, db_url=db_url, n_consumers=n_consumers)
         with quiet():
             from syft.orchestra import ServerHandle
@@ -198,13 +299,30 @@ def launch_in_process(
                 python_server=worker,
                 shutdown=worker.stop,
             )
-        running = InProcessSite(site=site, meta=site.meta(), worker=worker, handle=handle)
+        running = InProcessSite(site=site, meta=site.meta(current=False), worker=worker, handle=handle)
         _check_admin_password(running, admin_password)
+        _migrate_if_needed(running)
         register_site(str(worker.id.no_dash), name=running.meta.name, data_dir=site.path, device=device)
         return running
     except BaseException:
         site.release()
         raise
+
+
+def _migrate_if_needed(running: InProcessSite) -> None:
+    """Bring an older data dir to the current format (datasites.migrate) before anyone is served."""
+    if running.meta.format == FORMAT:
+        return
+    users = running.worker.services.user.stash.get_all(credentials=running.worker.verify_key).unwrap()
+    try:
+        done = migrate_format1(running.site, researcher_ids(users))
+    except FedsiteError:
+        with quiet():
+            running.worker.stop()
+        raise
+    running.meta = running.site.meta()
+    print(f"fedsite: migrated data dir {running.site.path} to format {FORMAT} ({len(done)} journals re-keyed by "
+          f"researcher id and MACed; the old files are in {BACKUP_DIR}/)", file=sys.stderr, flush=True)
 
 
 def _check_admin_password(running: InProcessSite, admin_password: str) -> None:
@@ -231,16 +349,25 @@ def serve(
     db_url: str | None = None,
     n_consumers: int = 0,
     device: str = "cpu",
+    tls_cert: str | os.PathLike[str] | None = None,
+    tls_key: str | os.PathLike[str] | None = None,
+    insecure_http: bool = False,
 ) -> None:
-    """Serve the site over HTTP in this process until SIGTERM/SIGINT; then stop cleanly (``device`` as in
+    """Serve the site over HTTP(S) in this process until SIGTERM/SIGINT; then stop cleanly (``device`` as in
     ``launch_in_process``).
 
     The round runtime is loaded before the port opens: the first approved call then costs what any
     other does, instead of the imports (seconds) while the researcher and the other sites wait on it.
+
+    With ``tls_cert`` and ``tls_key`` (PEM) the site serves HTTPS; without them it serves plain HTTP,
+    which ``check_transport`` allows on a non-loopback ``host`` only with ``insecure_http`` (and then a
+    warning goes to stderr).
     """
+    scheme = check_transport(host, tls_cert=tls_cert, tls_key=tls_key, insecure_http=insecure_http)
     check_password_strength(admin_password)
     check_site_device(device)
     site = open_site_dir(data_dir, name=name, admin_email=admin_email)
+    _create_private_files()
     if site.exists():
         site.acquire()  # a second serve on this dir is refused before anything else
         site.release()
@@ -252,28 +379,92 @@ def serve(
     try:
         print(f"loaded the round runtime (torch, transformers, opacus, peft) in {load_runtime():.1f} s", flush=True)
         app = _make_app(running.worker)
-        running.site.record_serving(host=host, port=port)
+        running.site.record_serving(host=host, port=port, scheme=scheme)
+        if scheme == "http" and not is_loopback(host):
+            _warn_insecure_http(host, port)
         import uvicorn
 
         # uvicorn shuts down gracefully on SIGTERM, then re-raises it to the handler it found; make
         # that handler a normal exit so that the finally below closes the store and frees the lock.
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
-        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+        cert, key = (os.fspath(tls_cert), os.fspath(tls_key)) if tls_cert and tls_key else (None, None)
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
+                    ssl_certfile=cert, ssl_keyfile=key)
     finally:
         running.stop()
+
+
+def _warn_insecure_http(host: str, port: int) -> None:
+    rule = "!" * 100
+    print(f"{rule}\nWARNING: --insecure-http: this site listens on {host}:{port} over PLAIN HTTP. Admin and researcher "
+          "passwords,\nsession keys, code and results travel IN CLEAR to anyone on the network path. Serve HTTPS "
+          f"with --tls-cert/--tls-key.\n{rule}", file=sys.stderr, flush=True)
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(0)
 
 
+# syft's HTTP routes a site serves (under /api/v2), each with why. Every API call enters through
+# /api_call and meets the site's gate (datasites.gate); the rest of syft's routes are not mounted:
+# /register and the password-reset pair (accounts are the admin's business: `fedsite admin
+# add-researcher`), and /stream/{peer}/..., an unauthenticated proxy to a peer's blob route (a site has no peers).
+SERVED_ROUTES = {
+    "/": "liveness: answers {'status': 'ok'}",
+    "/metadata": "the site's public metadata (name, id, versions), read by every client before login",
+    "/metadata_capnp": "the same metadata in syft's binary form, which syft's client asks for",
+    "/api": "the API description of a key's role, which the client fetches after login",
+    "/api_call": "every signed API call: the gate checks each one before syft dispatches it",
+}
+
+
 def _make_app(worker: Any) -> Any:
-    """syft's HTTP API for ``worker`` (as syft.server.uvicorn.app_factory builds it), without CORS."""
+    """syft's HTTP API for ``worker`` (as syft.server.uvicorn.app_factory builds it), without CORS, with only
+    ``SERVED_ROUTES`` and a /login that does not tell an unknown e-mail from a wrong password."""
     from fastapi import APIRouter, FastAPI
     from syft.server.routes import make_routes
 
-    app = FastAPI(title=worker.name)
+    app = FastAPI(title=worker.name, docs_url=None, redoc_url=None, openapi_url=None)  # no self-description
     api_router = APIRouter()
-    api_router.include_router(make_routes(worker=worker))
+    for route in make_routes(worker=worker).routes:
+        if getattr(route, "path", None) in SERVED_ROUTES:
+            api_router.routes.append(route)
+    api_router.add_api_route("/login", _login_route(worker), methods=["POST"], name="login")
     app.include_router(api_router, prefix="/api/v2")
     return app
+
+
+def _login_route(worker: Any) -> Any:
+    """syft's /login, answering every failure alike: syft says "Item not found." for an unknown e-mail and
+    "Invalid credentials." for a wrong password, which lets anyone list the site's accounts."""
+    from typing import Annotated
+
+    from fastapi import Body, Response
+    from syft.serde.serialize import _serialize as serialize
+    from syft.server.credentials import UserLoginCredentials
+    from syft.service.context import UnauthedServiceContext
+    from syft.service.response import SyftError
+    from syft.service.user.user import UserPrivateKey, check_pwd, salt_and_hash_password
+    from syft.types.errors import SyftException
+
+    # syft checks the password (bcrypt, cost 12: ~0.3 s) only for an e-mail it knows; an unknown one answers at
+    # once. Checking against this hash then makes both take as long.
+    _, unknown_user_hash = salt_and_hash_password(secrets.token_urlsafe(18), 12)
+
+    def login(email: str, password: str) -> Response:
+        response: Any = SyftError(message="Invalid credentials.")
+        try:
+            credentials = UserLoginCredentials(email=email, password=password)
+            context = UnauthedServiceContext(server=worker, login_credentials=credentials)
+            if worker.services.user.stash.email_exists(email=email).unwrap() is not True:
+                check_pwd(password, unknown_user_hash)
+            result = worker.services.user.exchange_credentials(context=context).value
+            if isinstance(result, UserPrivateKey):
+                response = result
+        except (SyftException, ValueError):
+            pass  # the same answer for an unknown e-mail, a wrong password and a malformed request
+        return Response(serialize(response, to_bytes=True), media_type="application/octet-stream")
+
+    # FastAPI reads the annotations; this module's are strings (PEP 563), so give it the objects
+    login.__annotations__ = {"email": Annotated[str, Body()], "password": Annotated[str, Body()], "return": Response}
+    return login

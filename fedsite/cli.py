@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import string
 import sys
@@ -13,6 +14,13 @@ from typing import Any
 from datasites.errors import FedsiteError
 
 RESEARCHER_PASSWORD_ENV = "FEDSITE_RESEARCHER_PASSWORD"
+
+
+def printable(text: str) -> str:
+    """Researchers' text (function names, e-mails, audit reasons) without terminal escapes (policies.review)."""
+    from policies.review import printable as escape
+
+    return escape(text)
 
 
 def _add_partition_flags(parser: argparse.ArgumentParser, *, required: bool) -> None:
@@ -41,14 +49,19 @@ def cmd_partition(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from datasites.secrets import admin_password
-    from datasites.server import serve
+    """`fedsite serve`: the flags are checked (database URL, host and TLS, admin password) before the site starts."""
+    from datasites.secrets import admin_password, database_url
+    from datasites.server import check_transport, serve
 
+    db_url = database_url(url=args.db_url, file=args.db_url_file)
+    scheme = check_transport(args.host, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                             insecure_http=args.insecure_http)
     password = admin_password(args.admin_password_file)
-    print(f"serving {args.name or args.data_dir} on http://{args.host}:{args.port} (Ctrl-C or SIGTERM stops it)",
+    print(f"serving {args.name or args.data_dir} on {scheme}://{args.host}:{args.port} (Ctrl-C or SIGTERM stops it)",
           flush=True)
     serve(args.data_dir, admin_password=password, name=args.name, port=args.port, host=args.host,
-          admin_email=args.admin_email, db_url=args.db_url, n_consumers=args.workers, device=args.device)
+          admin_email=args.admin_email, db_url=db_url, n_consumers=args.workers, device=args.device,
+          tls_cert=args.tls_cert, tls_key=args.tls_key, insecure_http=args.insecure_http)
 
 
 def _admin_client(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -58,7 +71,7 @@ def _admin_client(args: argparse.Namespace) -> tuple[Any, Any]:
 
     site = SiteDir(args.data_dir)
     site.meta()
-    return site, connect_admin(site, password=admin_password(args.admin_password_file))
+    return site, connect_admin(site, password=admin_password(args.admin_password_file), ca=args.ca)
 
 
 def cmd_add_researcher(args: argparse.Namespace) -> None:
@@ -67,8 +80,9 @@ def cmd_add_researcher(args: argparse.Namespace) -> None:
 
     password = read_secret(env=RESEARCHER_PASSWORD_ENV, file=args.password_file, what="researcher password")
     site, client = _admin_client(args)
-    add_researcher(client, name=args.name, email=args.email, password=password)
-    print(f"added researcher {args.email} to site {site.meta().name}")
+    researcher_id = add_researcher(client, name=args.name, email=args.email, password=password)
+    print(f"added researcher {args.email} to site {site.meta().name}: id {researcher_id} (its approvals, ledgers and "
+          "audit records are keyed by this id, which never changes)")
 
 
 def cmd_upload(args: argparse.Namespace) -> None:
@@ -98,9 +112,10 @@ def cmd_upload(args: argparse.Namespace) -> None:
         reviews = full.iloc[parts[args.site_index]].reset_index(drop=True)
     site, client = _admin_client(args)
     report = upload_partition(client, site, dataset=args.dataset, reviews=reviews, budget=budget,
-                              mock_seed=args.mock_seed)
+                              mock_seed=args.mock_seed, mock_epsilon=args.mock_epsilon)
     print(f"uploaded {report.dataset}: {report.n_records} private reviews ({report.positive_fraction:.1%} positive), "
           f"{report.n_mock} mock reviews; budget epsilon={budget.epsilon:g} delta={budget.delta:g}")
+    print(f"mock twin: {report.mock.describe()}")
 
 
 def cmd_budget(args: argparse.Namespace) -> None:
@@ -152,9 +167,11 @@ def render_requests(site_name: str, requests: Sequence[Any]) -> str:
     """The table of ``fedsite admin requests``."""
     if not requests:
         return f"site {site_name}: no requests yet"
-    lines = [f"site {site_name}", f"{'request':<{SHORT_ID}}  {'function':<30} {'researcher':<28} status"]
-    lines += [f"{r.request_id[:SHORT_ID]}  {r.function:<30} {r.researcher:<28} {r.status}" for r in requests]
-    return "\n".join(lines)
+    lines = [f"site {site_name}",
+             f"{'request':<{SHORT_ID}}  {'function':<30} {'researcher (e-mail, id)':<45} status"]
+    lines += [f"{r.request_id[:SHORT_ID]}  {r.function:<30} {f'{r.researcher_email} {r.researcher[:12]}':<45} {r.status}"
+              for r in requests]
+    return printable("\n".join(lines))
 
 
 def cmd_requests(args: argparse.Namespace) -> None:
@@ -250,18 +267,18 @@ def render_events(events: Sequence[Any]) -> str:
     if not events:
         return "the audit log is empty"
     header = f"{'line':>5}  {'time (UTC)':<20}  {'kind':<20} {'round':>5}  fields"
-    return "\n".join([header, *(render_event(n, e) for n, e in enumerate(events, start=1))])
+    return printable("\n".join([header, *(render_event(n, e) for n, e in enumerate(events, start=1))]))
 
 
 def _ledgers(site: Any) -> list[Any]:
     """Every privacy ledger of the site, opened with the accountant it was written with."""
-    from policies.durable import HashChainedJournal
+    from policies.durable import site_journal
     from policies.ledger import LEDGER_DIR, PrivacyLedger
 
     ledgers = []
     for path in sorted((site.path / LEDGER_DIR).glob("*/*.jsonl")):
         try:
-            entries = HashChainedJournal(path).entries()
+            entries = site_journal(site.path, path.relative_to(site.path)).entries()
             accountant = str(entries[0].record["accountant"]) if entries else "prv"
             ledgers.append(PrivacyLedger(site.path, path.parent.name, path.stem, site=site.meta().name,
                                          accountant=accountant))
@@ -284,12 +301,26 @@ def render_ledgers(site: Any) -> str:
     ledgers = _ledgers(site)
     if not ledgers:
         return f"site {site.meta().name}: no privacy spent yet"
-    lines = [f"site {site.meta().name}", f"{'dataset':<16} {'researcher':<28} {'records':>7} {'spent':>9} {'budget':>9}"]
+    emails = _researcher_emails(site)
+    lines = [f"site {site.meta().name}",
+             f"{'dataset':<16} {'researcher (id, e-mail)':<50} {'records':>7} {'spent':>9} {'budget':>9}"]
     for ledger in ledgers:
         spent, budget = _spent_and_budget(ledger)
-        lines.append(f"{ledger.dataset:<16} {ledger.researcher:<28} {len(ledger.records()):>7} {spent:>9.4f} "
-                     f"{budget:>9g}")
+        who = f"{ledger.researcher} {emails.get(ledger.researcher, '?')}"
+        lines.append(f"{ledger.dataset:<16} {who:<50} {len(ledger.records()):>7} {spent:>9.4f} {budget:>9g}")
     return "\n".join(lines)
+
+
+def _researcher_emails(site: Any) -> dict[str, str]:
+    """Each researcher id's e-mail as its latest approval recorded it (ledgers are keyed by id only)."""
+    from policies.approvals import ApprovalRegistry
+
+    emails = {}
+    for entry in ApprovalRegistry(site.path).journal.entries():
+        record = entry.record
+        if record.get("kind") == "approval":
+            emails[str(record["researcher"])] = str(record["researcher_email"])
+    return emails
 
 
 def _verify_ledgers(site: Any) -> list[str]:
@@ -354,6 +385,28 @@ def cmd_identity(args: argparse.Namespace) -> None:
     print(f"site {name}\nidentity key (Ed25519 public, hex): {key}\nroster entry: [\"{name}\", \"{key}\"]")
 
 
+def cmd_peers(args: argparse.Namespace) -> None:
+    from datasites.admin import render_peers
+    from datasites.sitedir import SiteDir
+    from policies.peers import PeerPinError, PeerPins
+
+    data_dir = args.peers_data_dir or args.data_dir
+    if data_dir is None:
+        raise FedsiteError("which site? pass --data-dir DIR")
+    site = SiteDir(data_dir)
+    pins = PeerPins(site.path, own_name=site.meta().name)
+    try:
+        if args.peers_command == "add":
+            pins.add(args.name, args.key.strip().lower())
+        elif args.peers_command == "remove":
+            pins.remove(args.name)
+        elif args.peers_command == "threshold":
+            pins.set_min_threshold(args.threshold)
+        print(render_peers(pins.load()))
+    except PeerPinError as exc:
+        raise FedsiteError(str(exc)) from None
+
+
 def cmd_ledger(args: argparse.Namespace) -> None:
     from datasites.sitedir import SiteDir
 
@@ -372,12 +425,23 @@ def build_parser() -> argparse.ArgumentParser:
     part.add_argument("--out", default=None, help="write site-<i>.parquet files here")
     part.set_defaults(func=cmd_partition)
 
-    srv = sub.add_parser("serve", help="run a datasite over HTTP (creates the data dir on first start)")
+    srv = sub.add_parser("serve", help="run a datasite over HTTP(S) (creates the data dir on first start)")
     srv.add_argument("--name", default=None, help="site name (required on first start), e.g. site-a")
     srv.add_argument("--data-dir", required=True)
     srv.add_argument("--port", type=int, required=True)
-    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
-    srv.add_argument("--db-url", default=None, help="postgresql://user:pw@host:5432/db instead of SQLite")
+    srv.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on (default loopback only; any other needs TLS or --insecure-http)")
+    srv.add_argument("--tls-cert", default=None, metavar="CERT.pem", help="serve HTTPS with this certificate chain")
+    srv.add_argument("--tls-key", default=None, metavar="KEY.pem",
+                     help="the certificate's private key (PEM, unencrypted, not readable by others)")
+    srv.add_argument("--insecure-http", action="store_true",
+                     help="allow plain HTTP on a non-loopback --host (passwords and keys travel in clear)")
+    srv.add_argument("--db-url-file", default=None, metavar="PATH",
+                     help="a file (mode 0600) holding postgresql://user:pw@host:5432/db, to use PostgreSQL "
+                          "instead of SQLite; else $FEDSITE_DB_URL")
+    srv.add_argument("--db-url", default=None,
+                     help="a PostgreSQL URL without a password (peer or .pgpass login); one with a password is "
+                          "refused, as `ps` shows it: use --db-url-file or $FEDSITE_DB_URL")
     srv.add_argument("--admin-email", default=None, help="admin login (default admin@NAME.fedsite.org)")
     srv.add_argument("--admin-password-file", default=None, help="else $FEDSITE_ADMIN_PASSWORD")
     srv.add_argument("--workers", type=int, default=0, help="syft job workers (for non-blocking jobs)")
@@ -389,11 +453,13 @@ def build_parser() -> argparse.ArgumentParser:
     admin_sub = admin.add_subparsers(dest="admin_command", required=True)
 
     def admin_command(name: str, func: Callable[[argparse.Namespace], None], help_: str, *,
-                      logs_in: bool = True) -> argparse.ArgumentParser:
+                      logs_in: bool = True, data_dir_required: bool = True) -> argparse.ArgumentParser:
         cmd = admin_sub.add_parser(name, help=help_)
-        cmd.add_argument("--data-dir", required=True)
+        cmd.add_argument("--data-dir", required=data_dir_required)
         if logs_in:
             cmd.add_argument("--admin-password-file", default=None, help="else $FEDSITE_ADMIN_PASSWORD")
+            cmd.add_argument("--ca", default=None, metavar="CA.pem",
+                             help="the CA that signed an https site's certificate (else the default trust store)")
         cmd.set_defaults(func=func)
         return cmd
 
@@ -409,7 +475,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--site-index", type=int, default=None, help="which partition this site holds")
     up.add_argument("--epsilon", type=float, required=True, help="total privacy budget epsilon")
     up.add_argument("--delta", type=float, required=True, help="total privacy budget delta (<< 1/records)")
-    up.add_argument("--mock-seed", type=int, default=0)
+    up.add_argument("--mock-seed", type=int, default=0, help="fixes the mock's generated reviews (no private data)")
+    up.add_argument("--mock-epsilon", type=float, default=None, metavar="EPSILON",
+                    help="size the mock from the private label counts with discrete Laplace noise at this epsilon "
+                         "(0 < EPSILON <= 10; a one-off release added to every researcher's training epsilon); "
+                         "default: 200 rows, half positive, from public defaults, spending nothing")
 
     admin_command("budget", cmd_budget, "show the privacy budget of each dataset", logs_in=False)
     _add_review_commands(admin_command)
@@ -445,6 +515,26 @@ def _add_audit_commands(admin_command: AdminCommand) -> None:
     audit.add_argument("--anchor", default=None, metavar="N:HASH", help="an earlier head to check against")
     admin_command("identity", cmd_identity, "print the site's identity key to pin in the roster", logs_in=False)
     admin_command("ledger", cmd_ledger, "privacy spent per dataset and researcher", logs_in=False)
+    _add_peers_commands(admin_command)
+
+
+def _add_peers_commands(admin_command: AdminCommand) -> None:
+    peers = admin_command("peers", cmd_peers, "the peer sites this site trusts in a secure sum, and its minimum "
+                          "threshold (the site need not run)", logs_in=False, data_dir_required=False)
+    # --data-dir goes with each action too, so `peers add NAME KEY --data-dir D` parses as written
+    peers_sub = peers.add_subparsers(dest="peers_command", required=True)
+    for name, help_ in (("list", "show the pinned peers and the minimum threshold"),
+                        ("add", "pin a peer's identity key (check it with its admin out of band first)"),
+                        ("remove", "unpin a peer: plans that list it are refused from the next stage on"),
+                        ("threshold", "set the minimum secure-sum threshold this site takes part in")):
+        command = peers_sub.add_parser(name, help=help_)
+        command.add_argument("--data-dir", dest="peers_data_dir", default=None, help="the site's data dir")
+        if name in ("add", "remove"):
+            command.add_argument("name", help="the peer's site name, e.g. site-b")
+        if name == "add":
+            command.add_argument("key", help="the peer's identity key, as its `fedsite admin identity` prints it")
+        if name == "threshold":
+            command.add_argument("threshold", type=int, help="at least 2")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -470,6 +560,8 @@ def _add_demo_parser(sub: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "admin":
+        os.umask(0o077)  # what an admin command writes into a data dir (journals, budgets) is the owner's alone
     try:
         args.func(args)
     except FedsiteError as exc:

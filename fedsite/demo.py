@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from datasites.admin import add_researcher, connect_admin, upload_partition
+from datasites.admin import add_researcher, connect_admin, pin_each_other, upload_partition
 from datasites.data import load_imdb, resolve_source
 from datasites.errors import FedsiteError
 from datasites.partition import partition_indices
@@ -145,6 +145,9 @@ def set_up_sites(raw_sites: dict[str, tuple[SiteDir, Any, Any]], *, size: DemoSi
         handle = SiteHandle(name=name, client=researcher_login(RESEARCHER, researcher_password),
                             identity_key=site_dir.identity_public_hex())
         sites.append(DemoSite(name, site_dir, admin, handle))
+    # Each admin pins the other sites' identity keys (`fedsite admin peers add`), as real admins do after
+    # comparing the keys out of band; a site refuses any roster entry it has not pinned.
+    pin_each_other([site.site for site in sites])
     return sites
 
 

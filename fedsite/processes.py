@@ -37,14 +37,24 @@ class ServedSite:
     log: Path
     admin_password: str
     device: str = "cpu"  # `fedsite serve --device`
+    tls_cert: Path | None = None  # `fedsite serve --tls-cert` (with tls_key: the site serves HTTPS)
+    tls_key: Path | None = None  # `fedsite serve --tls-key`
     process: subprocess.Popen[bytes] | None = field(default=None)
+
+    @property
+    def url(self) -> str:
+        """The site's base URL without the port, as ``login`` takes it."""
+        return f"{'https' if self.tls_cert is not None else 'http'}://127.0.0.1"
 
     def start(self) -> None:
         env = {**os.environ, "FEDSITE_ADMIN_PASSWORD": self.admin_password}
+        tls = [] if self.tls_cert is None or self.tls_key is None else [
+            "--tls-cert", str(self.tls_cert), "--tls-key", str(self.tls_key)]
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "fedsite", "serve", "--name", self.name, "--data-dir", str(self.data_dir),
-                 "--port", str(self.port), "--device", self.device], env=env, stdout=log, stderr=subprocess.STDOUT)
+                 "--port", str(self.port), "--device", self.device, *tls], env=env, stdout=log,
+                stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout_s

@@ -214,7 +214,7 @@ def dry_run_on_mock(site: SiteHandle, plan: Mapping[str, Any]) -> dict[str, Any]
     """
     source = render_round_function(plan)
     approval = Approval(request_id="local-dry-run", code_hash=code_hash(source), researcher="you",
-                        dataset=str(plan["dataset"]), plan=dict(plan), calibrated={}, admin="none",
+                        researcher_email="you", dataset=str(plan["dataset"]), plan=dict(plan), calibrated={}, admin="none",
                         approved_at=datetime.now(UTC).isoformat())
     with quiet():
         mock = site.asset().mock
@@ -312,9 +312,6 @@ class FederatedRound:
         for name, reply in replies.items():
             agg.receive_masked_input(MaskedInput.from_wire(reply["message"]))
             self.epsilon_spent[name] = float(reply.get("epsilon_spent", 0.0))
-        for key in ("training", "masking"):  # the slowest site's own figures
-            self.times.seconds[f"site_{key}"] = max((r.get("seconds", {}).get(key, 0.0) for r in replies.values()),
-                                                    default=0.0)
         survivors = agg.close_masked_input().to_wire()
         for reply in self._stage("consistency_check", agg.survivors, lambda _: {"survivors": survivors}).values():
             agg.receive_survivor_signature(SurvivorSignature.from_wire(reply["message"]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,13 +15,13 @@ import pytest
 
 from datasites.admin import add_researcher, render_budgets, upload_partition
 from datasites.errors import FedsiteError
+from datasites.mock import PUBLIC_MOCK_ROWS
 from datasites.server import InProcessSite, launch_in_process, login, quiet
 from datasites.syft_speedups import attach_attributes, syft_walk
-from policies.approvals import Approval, ApprovalRegistry
 from policies.audit import AuditLog
 from policies.budget import PrivacyBudget
 from policies.fingerprint import partition_fingerprint
-from policies.review import code_hash
+from tests.canonical import approve_by_hand, researcher_id, submit_canonical
 from tests.conftest import ADMIN_PASSWORD, RESEARCHER_PASSWORD
 
 pytestmark = pytest.mark.integration
@@ -63,7 +64,7 @@ def test_researcher_sees_the_mock_twin_not_the_private_data(researcher: Any, pri
     mock = _asset(researcher).mock
 
     assert list(mock.columns) == ["text", "label"]
-    assert len(mock) == len(private)
+    assert len(mock) == PUBLIC_MOCK_ROWS  # public defaults: the partition's size (300) does not show
     assert not set(mock["text"]) & set(private["text"])
 
 
@@ -76,9 +77,10 @@ def test_every_way_of_reading_the_private_asset_is_refused(researcher: Any, priv
         data = asset.data
     assert data is None
     assert "You have no access to the private data" in printed.getvalue()
-    with pytest.raises(SyftException, match="Item not found"):
+    with pytest.raises(SyftException, match=r"^site-a: refused: action.get_pointer \(the site's API gate\): not on"):
         asset.pointer.get()
-    with pytest.raises(SyftException, match="Item not found"):
+    with pytest.raises(SyftException, match=r"^site-a: refused: action.get \(the site's API gate\): only the output "
+                                            "of your own authorised call"):
         researcher.api.services.action.get(asset.action_id)
     with pytest.raises(AttributeError, match="you may not have permission"):
         researcher.api.services.user.get_all()  # nor list the site's users
@@ -98,8 +100,9 @@ def test_admin_reads_the_private_data_and_the_site_records_its_fingerprint(
     assert facts["fingerprint"] == partition_fingerprint(private["text"], private["label"])
 
 
-def test_unapproved_code_does_not_run_on_private_data(researcher: Any) -> None:
+def test_unapproved_code_does_not_run_on_private_data(site: InProcessSite, researcher: Any, tmp_path: Path) -> None:
     import syft as sy
+    from syft.types.errors import SyftException
 
     asset = _asset(researcher)
 
@@ -107,72 +110,71 @@ def test_unapproved_code_does_not_run_on_private_data(researcher: Any) -> None:
     def peek(data):  # type: ignore[no-untyped-def]
         return data["text"].tolist()
 
-    from syft.types.errors import SyftException
-
-    with quiet():
+    with quiet(), pytest.raises(SyftException, match=r"^site-a: refused: code.request_code_execution \(the site's "
+                                                     r"API gate\): only the canonical Fedsite round function"):
         researcher.code.request_code_execution(peek)
-        with pytest.raises(SyftException, match="Your code is waiting for approval"):
-            researcher.code.peek(data=asset)
+    name = submit_canonical(site, researcher, tmp_path)
+
+    message = _call(researcher, name, asset)
+
+    assert re.match(r"^site-a: refused: code.call \(the site's API gate\): code [0-9a-f]{12} has no Fedsite "
+                    r"approval here for you", message), message
 
 
 def _call(researcher: Any, name: str, asset: Any) -> str:
     with quiet():
         try:
-            outcome: Any = getattr(researcher.code, name)(data=asset)
+            outcome: Any = getattr(researcher.code, name)(data=asset, stage="advertise_keys",
+                                                          message={"round": 0, "attempt": 0})
         except Exception as exc:  # noqa: BLE001 - the researcher's view, raised or returned
             outcome = exc
     return str(outcome)
 
 
-def test_syft_approval_alone_does_not_let_code_run(site: InProcessSite, researcher: Any) -> None:
-    import syft as sy
+def test_syft_approval_alone_does_not_let_code_run(site: InProcessSite, researcher: Any, tmp_path: Path) -> None:
+    from syft.service.context import AuthedServiceContext
+    from syft.service.user.user_roles import ServiceRole
+    from syft.types.errors import SyftException
 
     from datasites.guard import is_guard_installed
 
     asset = _asset(researcher)
-
-    @sy.syft_function_single_use(data=asset)
-    def count(data):  # type: ignore[no-untyped-def]
-        return len(data)
-
+    name = submit_canonical(site, researcher, tmp_path)
     admin = site.login(email=site.meta.admin_email, password=ADMIN_PASSWORD)
     with quiet():
-        researcher.code.request_code_execution(count)
-        next(r for r in admin.requests if r.code.service_func_name == "count").approve()
+        request = next(r for r in admin.requests if r.code.service_func_name == name)
+        request.approve()
+        code = site.worker.services.user_code.stash.get_by_uid(site.worker.verify_key, uid=request.code.id).unwrap()
 
-    message = _call(researcher, "count", asset)
+    message = _call(researcher, name, asset)
+    # Behind the gate, the execution guard refuses too (a second line: the gate is bypassed here on purpose)
+    context = AuthedServiceContext(server=site.worker, credentials=researcher.verify_key, role=ServiceRole.DATA_SCIENTIST)
+    with pytest.raises(SyftException, match=r"^site-a: refused: code [0-9a-f]{12} has no Fedsite approval for "
+                                            r"rita@uni.org \(id [0-9a-f]{32}\)"):
+        site.worker.services.action._user_code_execute(context, code, {}).unwrap()
 
     assert is_guard_installed()
-    assert "site-a: refused: code" in message and "has no Fedsite approval for rita@uni.org" in message
-    assert any(e.kind == "execution_refused" for e in AuditLog(site.site.path).events())
+    assert "site-a: refused: code.call (the site's API gate)" in message and "has no Fedsite approval here" in message
+    events = AuditLog(site.site.path).events()
+    assert any(e.kind == "api_call_refused" and e.to_record()["path"] == "code.call" for e in events)
+    assert any(e.kind == "execution_refused" and e.to_record()["researcher"] == researcher_id(site, RESEARCHER) for e in events)
 
 
-def _approve_in_syft_and_fedsite(site: InProcessSite, function: str) -> None:
-    """Approve a (non-canonical) test function in syft and record it as `fedsite admin approve` would."""
-    admin = site.login(email=site.meta.admin_email, password=ADMIN_PASSWORD)
-    with quiet():
-        request = next(r for r in admin.requests if r.code.service_func_name == function)
-        request.approve()
-        raw_code = request.code.raw_code
-    ApprovalRegistry(site.site.path).record(Approval(
-        request_id=str(request.id.no_dash), code_hash=code_hash(raw_code), researcher=RESEARCHER, dataset="imdb",
-        plan={}, calibrated={}, admin=site.meta.admin_email, approved_at="2026-11-26T00:00:00+00:00"))
-
-
-def test_a_failing_approved_function_leaks_no_traceback_to_the_researcher(site: InProcessSite, researcher: Any) -> None:
-    import syft as sy
+def test_a_failing_approved_function_leaks_no_traceback_to_the_researcher(
+    site: InProcessSite, researcher: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from policies import site_runtime
 
     asset = _asset(researcher)
+    name = submit_canonical(site, researcher, tmp_path)
+    approve_by_hand(site, name, email=RESEARCHER)
 
-    @sy.syft_function_single_use(data=asset)
-    def explode(data):  # type: ignore[no-untyped-def]
+    def explode(data: Any, **kwargs: Any) -> Any:  # a bug in the runtime that reads private text
         raise ValueError("PRIVATE:" + data["text"].iloc[0][:40])
 
-    with quiet():
-        researcher.code.request_code_execution(explode)
-    _approve_in_syft_and_fedsite(site, "explode")
+    monkeypatch.setattr(site_runtime, "run_stage", explode)  # the approved function imports it at call time
 
-    message = _call(researcher, "explode", asset)
+    message = _call(researcher, name, asset)
 
     assert "contact the Server Admin" in message
     assert "PRIVATE:" not in message and "Traceback" not in message
@@ -198,7 +200,7 @@ def test_an_unexpected_failure_in_a_syft_service_reaches_the_site_log_not_the_re
     # Execute: a researcher's call
     with caplog.at_level(logging.DEBUG), quiet():
         try:
-            answer: Any = researcher.api.services.code.get_by_service_func_name("anything")
+            answer: Any = researcher.api.services.code.get_by_service_func_name("fedsite_run_0123456789ab")
         except Exception as exc:  # noqa: BLE001 - the researcher's view, raised or returned
             answer = exc
 
@@ -281,27 +283,22 @@ def test_restart_keeps_datasets_users_and_budget(tmp_path: Path, private: pd.Dat
     second = launch_in_process(tmp_path, admin_password=ADMIN_PASSWORD)
     try:
         researcher = second.login(email=RESEARCHER, password=RESEARCHER_PASSWORD)
-        assert len(_asset(researcher).mock) == 50
+        assert len(_asset(researcher).mock) == PUBLIC_MOCK_ROWS
         assert "imdb                           3      1e-05         50" in render_budgets(second.site)
     finally:
         second.stop()
 
 
-def test_per_call_inputs_do_not_accumulate_in_blob_storage(site: InProcessSite, researcher: Any) -> None:
-    import syft as sy
-    from syft.service.policy.policy import OutputPolicyExecuteCount
+def test_per_call_inputs_do_not_accumulate_in_blob_storage(
+    site: InProcessSite, researcher: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from policies import site_runtime
 
     asset = _asset(researcher)
-
-    def payload_size(data, stage, message):  # type: ignore[no-untyped-def]
-        return len(message["blob"])
-
-    with quiet():
-        function = sy.syft_function(
-            input_policy=sy.MixedInputPolicy(client=researcher, data=asset, stage=str, message=dict),
-            output_policy=OutputPolicyExecuteCount(limit=100))(payload_size)
-        researcher.code.request_code_execution(function)
-    _approve_in_syft_and_fedsite(site, "payload_size")
+    name = submit_canonical(site, researcher, tmp_path)
+    approve_by_hand(site, name, email=RESEARCHER)
+    # the runtime answers the size of what it was sent (the approved function imports it at call time)
+    monkeypatch.setattr(site_runtime, "run_stage", lambda data, *, message, **kwargs: {"size": len(message["blob"])})
     blob_dir = site.site.syft_dir / "blob"
     big = "x" * 3_000_000  # a global model's worth: syft stores it as a blob file
 
@@ -312,7 +309,8 @@ def test_per_call_inputs_do_not_accumulate_in_blob_storage(site: InProcessSite, 
     sizes = []
     for _ in range(3):
         with quiet():
-            sizes.append(researcher.code.payload_size(data=asset, stage="x", message={"blob": big}).get())
+            reply = getattr(researcher.code, name)(data=asset, stage="mask_input", message={"blob": big}).get()
+        sizes.append(reply["size"])
 
     assert sizes == [3_000_000] * 3
     assert blob_bytes() - before < 1_000_000

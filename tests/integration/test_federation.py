@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,8 +13,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from datasites.admin import add_researcher, upload_partition
+from datasites.admin import add_researcher, pin_each_other, upload_partition
 from datasites.errors import FedsiteError
 from datasites.partition import partition_indices
 from datasites.review_queue import approve_request, deny_request, list_requests, review_request
@@ -60,6 +63,7 @@ class Federation:
     handles: list[SiteHandle]
     workdir: Path
     vector: np.ndarray
+    researcher_ids: dict[str, str]  # site -> the researcher's immutable id there (each site makes its own account)
 
     def plan(self, **overrides: Any) -> dict[str, Any]:
         dp = {**DP, **overrides.pop("dp", {})}
@@ -81,20 +85,21 @@ class Federation:
 def federation(tmp_path_factory: pytest.TempPathFactory, imdb_train: pd.DataFrame) -> Iterator[Federation]:
     root = tmp_path_factory.mktemp("federation")
     parts = partition_indices(imdb_train["label"].to_numpy(), n_sites=60, seed=0)
-    sites, admins, handles = {}, {}, []
+    sites, admins, handles, ids = {}, {}, [], {}
     for index, name in enumerate(NAMES):
         # "cpu:0" is the CPU named the way a GPU is: the rounds must train on the device the site was given
         site = launch_in_process(root / name, admin_password=ADMIN_PASSWORD, name=name, device="cpu:0")
         admin = site.login(email=site.meta.admin_email, password=ADMIN_PASSWORD)
         upload_partition(admin, site.site, dataset="imdb", reviews=imdb_train.iloc[parts[index][:160]],
                          budget=PrivacyBudget(epsilon=8.0, delta=1e-5))
-        add_researcher(admin, name="Rita", email=RESEARCHER, password=RESEARCHER_PASSWORD)
+        ids[name] = add_researcher(admin, name="Rita", email=RESEARCHER, password=RESEARCHER_PASSWORD)
         sites[name], admins[name] = site, admin
         handles.append(SiteHandle(name=name, client=site.login(email=RESEARCHER, password=RESEARCHER_PASSWORD),
                                   identity_key=site.site.identity_public_hex()))
+    pin_each_other([site.site for site in sites.values()])
     model, _ = build_from_spec(SPEC)
     vector, _ = flatten_trainable(model)
-    yield Federation(sites, admins, handles, root, vector)
+    yield Federation(sites, admins, handles, root, vector, ids)
     for site in sites.values():
         site.stop()
 
@@ -149,7 +154,7 @@ def test_two_rounds_train_and_spend_on_every_site(federation: Federation, approv
     assert devices == ["cpu:0"] * 6  # three sites, two rounds, each on the device its owner launched it with
     assert all(0 < np.abs(o.average).max() <= 0.5 for o in outcomes)
     for name, site in federation.sites.items():
-        ledger = PrivacyLedger(site.site.path, "imdb", RESEARCHER, site=name)
+        ledger = PrivacyLedger(site.site.path, "imdb", federation.researcher_ids[name], site=name)
         assert [r.round_index for r in ledger.records()] == [0, 1]
         assert ledger.spent() == pytest.approx(3.0, abs=0.1)
         kinds = [event.kind for event in AuditLog(site.site.path).events()]
@@ -203,8 +208,10 @@ def test_changed_code_and_forged_roster_are_refused_at_review(federation: Federa
     report = review_request(federation.admins["site-a"], federation.sites["site-a"].site, federation.pending("site-a"),
                             with_dry_run=False)
 
-    assert any("the roster pins key" in p and "site-a" in p for p in report.problems)
-    with pytest.raises(FedsiteError, match=r"cannot be approved: the roster pins key"):
+    assert any(p.startswith("roster entry site-a carries key") and "KEY DIFFERS from this site's" in p
+               for p in report.problems)
+    assert [entry.status for entry in report.roster][1:] == ["pinned", "pinned"]
+    with pytest.raises(FedsiteError, match=r"cannot be approved: roster entry site-a carries key"):
         approve_request(federation.admins["site-a"], federation.sites["site-a"].site, federation.pending("site-a"),
                         admin="admin")
 
@@ -273,7 +280,7 @@ def test_budget_lowered_after_approval_stops_the_next_round(federation: Federati
     federation.submit_all(raw)
     federation.approve_all()
     site_b = federation.sites["site-b"].site
-    lowered = round(PrivacyLedger(site_b.path, "imdb", RESEARCHER, site="site-b").spent() + 0.01, 2)
+    lowered = round(PrivacyLedger(site_b.path, "imdb", federation.researcher_ids["site-b"], site="site-b").spent() + 0.01, 2)
     BudgetBook(site_b.path).set("imdb", PrivacyBudget(epsilon=lowered, delta=1e-5), n_records=160, replace=True)
 
     with pytest.raises(SiteRefusedError, match=rf"site-b: budget exhausted: epsilon would be \d+\.\d\d > {lowered:g}$"):
@@ -321,3 +328,79 @@ def test_a_run_id_names_exactly_one_function_at_a_site(federation: Federation) -
         submit(handle, changed, federation.workdir / "functions")
     assert len(list_requests(admin)) == before + 1
     deny_request(admin, federation.sites["site-c"].site, federation.pending("site-c"), reason="test", admin="x")
+
+
+def test_a_roster_of_researcher_made_sites_is_refused_at_review_and_at_every_stage(federation: Federation) -> None:
+    # Prepare: the real site-a and two "sites" whose keys the researcher holds: with t = 2 their shares would
+    # unmask site-a's single update. site-a's admin has pinned only site-b and site-c.
+    from policies.peers import PeerPins
+
+    fakes = [SiteHandle(name=name, client=federation.handles[0].client,
+                        identity_key=Ed25519PrivateKey.generate().public_key().public_bytes_raw().hex())
+             for name in ("site-x", "site-y")]
+    raw = make_plan(sites=[federation.handles[0], *fakes], model=SPEC, dp=DP, vector_length=len(federation.vector),
+                    clip=0.5, threshold=2)
+    submit(federation.handles[0], raw, federation.workdir / "functions")
+    site_a, admin_a = federation.sites["site-a"], federation.admins["site-a"]
+
+    # Execute: the review, an approval, and (with the plan recorded as approved by hand) a round's first stage
+    report = review_request(admin_a, site_a.site, federation.pending("site-a"), with_dry_run=False)
+    with pytest.raises(FedsiteError, match=r"cannot be approved: roster entry site-x \(key [0-9a-f]{16}\) is not pinned"):
+        approve_request(admin_a, site_a.site, federation.pending("site-a"), admin="admin")
+    deny_request(admin_a, site_a.site, federation.pending("site-a"), reason="unpinned roster", admin="admin")
+    honest = federation.plan(dp={"rounds": 1})
+    federation.submit_all(honest)
+    federation.approve_all()
+    PeerPins(site_a.site.path, own_name="site-a").remove("site-c")  # the admin stops trusting site-c mid-run
+    try:
+        with pytest.raises(SiteRefusedError, match=r"^site-a: roster entry site-c \(key [0-9a-f]{16}\) is not pinned"):
+            run_round(federation.handles, FederatedPlan.parse(honest), 0, federation.vector)
+    finally:
+        PeerPins(site_a.site.path, own_name="site-a").add("site-c", federation.handles[2].identity_key)
+
+    # Assert
+    assert [(e.site_id, e.status) for e in report.roster] == [("site-a", "this site"), ("site-x", "NOT PINNED"),
+                                                              ("site-y", "NOT PINNED")]
+    assert [p.split(" (key")[0] for p in report.problems] == ["roster entry site-x", "roster entry site-y"]
+    text = report.render_text()
+    assert "site-x               key" in text and "NOT PINNED" in text
+
+
+def test_a_round_releases_no_timing_and_only_one_attempt_trains(federation: Federation) -> None:
+    # Prepare: a one-round plan, keys shared by two concurrent sessions (attempts 0 and 1) of round 0
+    raw = federation.plan(dp={"rounds": 1})
+    federation.submit_all(raw)
+    federation.approve_all()
+    plan = FederatedPlan.parse(raw)
+    vector = encode_vector(federation.vector.astype(np.float32))
+    sessions = [FederatedRound(federation.handles, plan, 0, attempt) for attempt in (0, 1)]
+    inboxes = []
+    for session in sessions:
+        agg = session.aggregator
+        for reply in session._stage("advertise_keys", NAMES, lambda _: {}).values():
+            agg.receive_advertise_keys(AdvertiseKeys.from_wire(reply["message"]))
+        keys = agg.close_advertise_keys().to_wire()
+        for reply in session._stage("share_keys", NAMES, lambda _, keys=keys: {"round_keys": keys}).values():
+            agg.receive_share_keys(ShareKeys.from_wire(reply["message"]))
+        inboxes.append({n: i.to_wire() for n, i in agg.close_share_keys().items()})
+
+    # Execute: both attempts' mask_input at site-a at once
+    def mask(index: int) -> Any:
+        try:
+            return sessions[index]._call(federation.handles[0], "mask_input",
+                                         {"incoming": inboxes[index]["site-a"], "global_model": vector})
+        except SiteRefusedError as refused:
+            return refused
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        answers = list(pool.map(mask, (0, 1)))
+
+    # Assert: one masked update, one refusal; the reply carries the message and the researcher's epsilon only
+    replies = [a for a in answers if isinstance(a, dict)]
+    refusals = [str(a) for a in answers if isinstance(a, SiteRefusedError)]
+    assert len(replies) == 1 and set(replies[0]) == {"message", "epsilon_spent"}
+    assert len(refusals) == 1 and re.match(r"^site-a: (another attempt of round 0 is training here|round 0 already "
+                                           r"ran here: a replayed round is refused)", refusals[0]), refusals
+    ledger = PrivacyLedger(federation.sites["site-a"].site.path, "imdb", federation.researcher_ids["site-a"],
+                           site="site-a")
+    assert [r.round_index for r in ledger.records() if r.run_id == plan.run_id] == [0]

@@ -19,6 +19,7 @@ def test_create_writes_a_stable_identity(tmp_path: Path) -> None:
     reopened = SiteDir(tmp_path / "a").meta()
 
     assert reopened == meta
+    assert meta.format == FORMAT == 2
     assert len(meta.server_uid) == 32 and int(meta.server_uid, 16) >= 0
     assert (site.key_path.stat().st_mode & 0o777) == 0o600
     assert SiteDir(tmp_path / "a").signing_key() == site.signing_key()
@@ -50,8 +51,11 @@ def test_incompatible_format_is_refused(tmp_path: Path) -> None:
     meta = json.loads(site.meta_path.read_text())
     site.meta_path.write_text(json.dumps({**meta, "format": FORMAT + 1}))
 
-    with pytest.raises(FedsiteError, match=rf"written by Fedsite data format {FORMAT + 1}, this version reads format 1"):
+    with pytest.raises(FedsiteError, match=rf"written by Fedsite data format {FORMAT + 1}, this version reads format 2: "
+                                           r"use the matching Fedsite version or start a new data dir"):
         site.meta()
+    with pytest.raises(FedsiteError, match=rf"written by Fedsite data format {FORMAT + 1}, this version reads format 2"):
+        site.meta(current=False)
 
 
 def test_second_holder_of_the_lock_is_refused(tmp_path: Path) -> None:
