@@ -135,7 +135,7 @@ def _private(args: argparse.Namespace, trainable: str, dtype: str, mode: str, de
         optimizer_name="adamw",
         learning_rate=1e-4,
         accountant="rdp",
-        secure_mode=False,
+        secure_mode=not args.insecure_noise,  # the sites' default: noise from the AES-CTR keystream
         device=device,
     )
     training.module.train()
@@ -210,6 +210,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtypes", default="fp32", help="comma list of fp32, bf16 (bf16 = autocast)")
     parser.add_argument("--modes", default="non-private,hooks,ghost", help="comma list of non-private, hooks, ghost")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
+    parser.add_argument("--insecure-noise", action="store_true",
+                        help="torch's generator for the noise instead of the sites' keystream (comparison only)")
     parser.add_argument("--quick", action="store_true", help="tiny model, batch 8, seq 64, 3 steps (CPU smoke run)")
     args = parser.parse_args(argv)
     if args.quick:
