@@ -26,7 +26,7 @@ from datasites.errors import FedsiteError
 from datasites.sitedir import FORMAT, SiteDir
 from policies.approvals import APPROVALS_FILE
 from policies.audit import AUDIT_FILE, EVENT_TYPES, AuditLog, LogMigrated
-from policies.durable import canonical_json, read_json, site_journal, write_json_atomic
+from policies.durable import canonical_json, private_dirs, read_json, site_journal, write_json_atomic
 from policies.ledger import LEDGER_DIR
 
 BACKUP_DIR = "migrated-from-format-1"
@@ -81,7 +81,7 @@ def _copy_once(site: SiteDir) -> Path:
     shutil.rmtree(backup, ignore_errors=True)  # a copy cut short by a crash is made again
     for relative in _journals(site.path):
         target = backup / relative
-        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dirs(target.parent)
         shutil.copy2(site.path / relative, target)
     (backup / "complete").write_text("every format-1 journal of this data dir, before the migration\n")
     return backup

@@ -66,13 +66,29 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def private_dirs(directory: Path) -> None:
+    """Create ``directory`` and its missing parents 0700, whatever the process's umask: a site's folders are
+    its owner's alone (the admin's own tools write into them from a shell with umask 022)."""
+    directory = Path(directory)
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=0o700)
+        except FileExistsError:
+            continue  # made meanwhile by another process
+        os.chmod(folder, 0o700)  # mkdir's mode passes through the umask
+
+
 def write_bytes_atomic(path: Path, data: bytes, *, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data`` so that a crash leaves either the old or the new file.
 
     ``mode`` defaults to owner-only (0600): what a site writes is private (records, keys, ledgers).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dirs(path.parent)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -105,7 +121,7 @@ def journal_key(data_dir: Path) -> bytes:
     deleted or replaced key makes the site refuse its journals (fail closed), never accept forged ones.
     """
     path = Path(data_dir) / JOURNAL_KEY_FILE
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private_dirs(path.parent)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -180,7 +196,7 @@ class HashChainedJournal:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dirs(self.path.parent)
         lock_path = self.path.with_name(self.path.name + ".lock")
         with os.fdopen(os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a") as lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from policies.durable import read_json, write_json_atomic
+from policies.durable import private_dirs, read_json, write_json_atomic
 
 IDENTITY_FILE = Path("secrets") / "identity_key"
 
@@ -26,7 +26,7 @@ def create_identity_key(data_dir: Path) -> None:
     path = Path(data_dir) / IDENTITY_FILE
     if path.exists():
         raise FileExistsError(f"{path} already holds this site's identity key: it is never replaced")
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private_dirs(path.parent)
     private = Ed25519PrivateKey.generate().private_bytes_raw().hex()
     write_json_atomic(path, {"ed25519_private": private}, mode=0o600)
 

@@ -36,7 +36,7 @@ from policies.accounting import (
     epsilon_of,
 )
 from policies.budget import BudgetBook, PrivacyBudget
-from policies.durable import site_journal
+from policies.durable import private_dirs, site_journal
 from policies.identity import check_researcher_id
 
 LEDGER_DIR = "ledger"
@@ -174,7 +174,7 @@ class PrivacyLedger:
 
     @contextmanager
     def _exclusive(self) -> Iterator[None]:
-        self._spend_lock.parent.mkdir(parents=True, exist_ok=True)
+        private_dirs(self._spend_lock.parent)
         with open(self._spend_lock, "a") as lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             try:

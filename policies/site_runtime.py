@@ -43,7 +43,7 @@ from policies.dp import (
     train_dp_sgd,
     trainable_parameters,
 )
-from policies.durable import site_journal
+from policies.durable import JournalCorruptError, private_dirs, site_journal
 from policies.federated_plan import FederatedPlan, FederatedPlanError
 from policies.fingerprint import partition_fingerprint, read_dataset_facts
 from policies.identity import load_identity_key
@@ -65,8 +65,10 @@ from policies.secagg import (
     unmask,
 )
 
-# The site's own log (its admin reads it; nothing of it reaches the researcher): how long training took.
+# The site's own log (its admin reads it; nothing of it reaches the researcher): how long training took,
+# and why a round was refused when the researcher is told less.
 timing_log = logging.getLogger("fedsite.site.timing")
+site_log = logging.getLogger("fedsite.site")
 STAGES = ("advertise_keys", "share_keys", "mask_input", "consistency_check", "unmask")
 ModelBuilder = Callable[[], tuple[torch.nn.Module, Any]]
 
@@ -102,6 +104,12 @@ def run_stage(data: Any, *, stage: str, message: Mapping[str, Any], plan: Mappin
             researcher=execution.researcher, researcher_email=execution.researcher_email,
             dataset=execution.approval.dataset, round=round_index, reason=reason))
         return {"refused": told}
+    except JournalCorruptError as exc:
+        # A ledger, the sessions journal or the audit log failed verification (cut off, rolled back, edited):
+        # nothing is spent or released until the admin restores it. The details are the admin's.
+        site_log.error("%s: refused a round: a journal failed verification: %s", execution.site, exc)
+        return {"refused": f"{execution.site}: refused: the site's records failed verification; its admin must "
+                           "restore them before any round runs here"}
 
 
 def dry_run(texts: list[str], labels: list[int], *, plan: FederatedPlan, make_model: ModelBuilder,
@@ -282,7 +290,7 @@ class SiteRun:
     @contextmanager
     def _round_lock(self, round_index: int) -> Iterator[None]:
         """Exclusive, across processes, for one (run, round); a second attempt is refused, never queued."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        private_dirs(self.directory)
         with open(self.directory / f"round-{round_index}.lock", "a") as lock:
             try:
                 fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -424,3 +424,22 @@ def test_site_journal_is_keyed_and_labelled_by_its_relative_path(tmp_path: Path)
     assert journal.path == tmp_path / "ledger" / "imdb" / "x.jsonl"
     assert journal.label == "ledger/imdb/x.jsonl"
     assert journal.genesis == _reference_mac(journal_key(tmp_path), {"genesis": "ledger/imdb/x.jsonl"})
+
+
+def test_folders_a_site_writes_into_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    from policies.durable import site_journal
+
+    old = os.umask(0o022)  # an admin's shell
+    try:
+        write_json_atomic(tmp_path / "datasets" / "deep" / "imdb.json", {"n": 1})
+        site_journal(tmp_path, "ledger/imdb/" + "a" * 32 + ".jsonl").append({"spent": 1})
+    finally:
+        os.umask(old)
+
+    modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in tmp_path.rglob("*")}
+    assert {path: mode for path, mode in modes.items() if (tmp_path / path).is_dir()} == {
+        "datasets": 0o700, "datasets/deep": 0o700, "ledger": 0o700, "ledger/imdb": 0o700, "secrets": 0o700}
+    assert {mode for path, mode in modes.items() if (tmp_path / path).is_file()} == {0o600}
