@@ -85,6 +85,7 @@ class DemoSite:
     site: SiteDir
     admin: Any  # the admin's client
     researcher: SiteHandle
+    researcher_id: str  # the researcher's immutable id at this site (its ledger's key)
 
 
 def say(text: str) -> None:
@@ -139,12 +140,12 @@ def set_up_sites(raw_sites: dict[str, tuple[SiteDir, Any, Any]], *, size: DemoSi
         rows = reviews.iloc[parts[index][: size.reviews_per_site]].reset_index(drop=True)
         report = upload_partition(admin, site_dir, dataset="imdb", reviews=rows,
                                   budget=PrivacyBudget(epsilon=epsilon, delta=1e-5))
-        add_researcher(admin, name="Demo Researcher", email=RESEARCHER, password=researcher_password)
+        researcher_id = add_researcher(admin, name="Demo Researcher", email=RESEARCHER, password=researcher_password)
         say(f"  {name}: {report.n_records} private reviews ({report.positive_fraction:.0%} positive), "
             f"{report.n_mock} mock reviews, budget epsilon={epsilon:g}")
         handle = SiteHandle(name=name, client=researcher_login(RESEARCHER, researcher_password),
                             identity_key=site_dir.identity_public_hex())
-        sites.append(DemoSite(name, site_dir, admin, handle))
+        sites.append(DemoSite(name, site_dir, admin, handle, researcher_id))
     # Each admin pins the other sites' identity keys (`fedsite admin peers add`), as real admins do after
     # comparing the keys out of band; a site refuses any roster entry it has not pinned.
     pin_each_other([site.site for site in sites])
@@ -215,7 +216,7 @@ def run_demo(args: argparse.Namespace) -> None:
             f"on {size.test_size} public test reviews ({final.uncalibrated_accuracy:.3f} before the last bias "
             "calibration on public reviews)")
         for site in sites:
-            ledger = PrivacyLedger(site.site.path, "imdb", RESEARCHER, site=site.name)
+            ledger = PrivacyLedger(site.site.path, "imdb", site.researcher_id, site=site.name)
             say(f"  {site.name}: epsilon spent {ledger.spent():.2f} of {ledger.budget.epsilon:g} "
                 f"(delta {ledger.budget.delta:g}), per its own ledger")
         say(f"  report: {trainer.run_dir / 'report.json'}\n  plot:   {trainer.run_dir / 'report.png'}")
