@@ -18,15 +18,17 @@ import numpy as np
 import pandas as pd
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from syft.types.errors import SyftException
 
-from datasites.admin import add_researcher, connect_admin, upload_partition
+from datasites.admin import add_researcher, connect_admin, pin_each_other, upload_partition
 from datasites.partition import partition_indices
 from datasites.review_queue import ReviewReport, approve_request, list_requests, review_request
 from datasites.sitedir import SiteDir
 from policies.approvals import ApprovalRegistry
-from policies.audit import AuditLog, ExecutionRefused, PrivacySpent
+from policies.audit import ApiCallRefused, AuditLog, PrivacySpent
 from policies.budget import PrivacyBudget
 from policies.federated_plan import FederatedPlan
+from policies.identity import key_fingerprint
 from policies.ledger import PrivacyLedger
 from policies.review import code_hash
 from policies.secagg import AdvertiseKeys, MaskedInput, ShareKeys, SignedSurvivors
@@ -72,6 +74,7 @@ class HttpFederation:
     handles: dict[str, SiteHandle]
     root: Path
     vector_length: int
+    researcher_ids: dict[str, str]  # site -> the researcher's immutable id there (its ledgers' key)
 
     def site(self, name: str) -> SiteDir:
         return SiteDir(self.served[name].data_dir)
@@ -131,13 +134,13 @@ def _at_every_site(work: Callable[[str], T]) -> dict[str, T]:
         return {name: future.result() for name, future in futures.items()}
 
 
-def _onboard(served: ServedSite, reviews: pd.DataFrame) -> tuple[Any, SiteHandle]:
+def _onboard(served: ServedSite, reviews: pd.DataFrame) -> tuple[Any, SiteHandle, str]:
     site = SiteDir(served.data_dir)
     admin = connect_admin(site, password=ADMIN_PASSWORD)
     upload_partition(admin, site, dataset="imdb", reviews=reviews, budget=PrivacyBudget(epsilon=8.0, delta=1e-5))
-    add_researcher(admin, name="Rita", email=RESEARCHER, password=RESEARCHER_PASSWORD)
+    researcher_id = add_researcher(admin, name="Rita", email=RESEARCHER, password=RESEARCHER_PASSWORD)
     client = login("http://127.0.0.1", port=served.port, email=RESEARCHER, password=RESEARCHER_PASSWORD)
-    return admin, SiteHandle(name=served.name, client=client, identity_key=site.identity_public_hex())
+    return admin, SiteHandle(name=served.name, client=client, identity_key=site.identity_public_hex()), researcher_id
 
 
 @pytest.fixture(scope="module")
@@ -153,10 +156,12 @@ def federation(tmp_path_factory: pytest.TempPathFactory, imdb_train: pd.DataFram
         parts = partition_indices(imdb_train["label"].to_numpy(), n_sites=60, seed=0)
         onboarded = _at_every_site(lambda name: _onboard(
             served[name], imdb_train.iloc[parts[NAMES.index(name)][:REVIEWS_PER_SITE]].reset_index(drop=True)))
-        admins = {name: admin for name, (admin, _) in onboarded.items()}
-        handles = {name: handle for name, (_, handle) in onboarded.items()}
+        admins = {name: admin for name, (admin, _, _) in onboarded.items()}
+        handles = {name: handle for name, (_, handle, _) in onboarded.items()}
+        researcher_ids = {name: researcher_id for name, (_, _, researcher_id) in onboarded.items()}
+        pin_each_other([SiteDir(site.data_dir) for site in served.values()])  # the admins compared keys
         model, _ = build_from_spec(SPEC)
-        yield HttpFederation(served, admins, handles, root, len(flatten_trainable(model)[0]))
+        yield HttpFederation(served, admins, handles, root, len(flatten_trainable(model)[0]), researcher_ids)
     finally:
         for site in served.values():
             site.kill9()
@@ -176,7 +181,7 @@ def full_run(federation: HttpFederation) -> FullRun:
 
 
 def _ledger(federation: HttpFederation, name: str) -> PrivacyLedger:
-    return PrivacyLedger(federation.site(name).path, "imdb", RESEARCHER, site=name)
+    return PrivacyLedger(federation.site(name).path, "imdb", federation.researcher_ids[name], site=name)
 
 
 def _spends_match_the_audit_log(federation: HttpFederation, name: str) -> None:
@@ -199,7 +204,8 @@ def test_three_rounds_over_http_spend_on_every_site(federation: HttpFederation, 
         spends = [r for r in _ledger(federation, name).replay() if r.run_id == run_id]
         assert [r.round_index for r in spends] == [0, 1, 2]
         assert spends[0].epsilon_before == 0.0 and spends[-1].epsilon_after == pytest.approx(2.0, abs=0.05)
-        assert full_run.report.rounds[-1].epsilon_spent[name] == pytest.approx(spends[-1].epsilon_after, abs=1e-4)
+        # the site reports the researcher's spend to two decimals (finer would tell the partition's size)
+        assert full_run.report.rounds[-1].epsilon_spent[name] == round(spends[-1].epsilon_after, 2)
         AuditLog(federation.site(name).path).verify()
         _spends_match_the_audit_log(federation, name)
 
@@ -309,23 +315,38 @@ def _raw_call(handle: SiteHandle, function: str, stage: str, message: dict[str, 
     return str(reply)
 
 
-def test_unapproved_code_waits_for_approval(federation: HttpFederation) -> None:
-    plan = federation.plan()
-    federation.submit("site-b", plan)
-    audit = AuditLog(federation.site("site-b").path)
-    logged = audit.head()
+def _gate_refusals(federation: HttpFederation, name: str) -> list[ApiCallRefused]:
+    return [e for e in AuditLog(federation.site(name).path).events() if isinstance(e, ApiCallRefused)]
 
+
+def test_unapproved_code_is_refused_at_the_api_gate(federation: HttpFederation) -> None:
+    # Prepare: a pending request at site-b
+    plan = federation.plan()
+    request_id = federation.submit("site-b", plan)
+    with quiet():
+        code = next(r for r in federation.admins["site-b"].requests if str(r.id.no_dash) == request_id).code
+        digest = code_hash(code.raw_code)
+    audit = AuditLog(federation.site("site-b").path)
+    logged = audit.head().n_entries
+
+    # Execute: the researcher calls it anyway
     seen = _raw_call(federation.handles["site-b"], function_name(plan["run_id"]), "advertise_keys",
                      {"round": 0, "attempt": 0})
 
-    assert seen.endswith(" Your code is waiting for approval. Code status on server 'site-b' is "
-                         "'UserCodeStatus.PENDING'."), seen
-    assert audit.head() == logged  # syft refused before the site's guard: nothing ran, nothing to audit
+    # Assert: the gate refused before syft looked at the code's status; nothing ran, the refusal is audited
+    reason = (f"site-b: refused: code.call (the site's API gate): code {digest[:12]} has no Fedsite approval here for "
+              "you (unapproved, changed after approval, or revoked): submit it for review")
+    assert seen == f"SyftException: {reason}", seen
+    new = audit.events()[logged:]
+    assert [e.kind for e in new] == ["api_call_refused"]
+    assert (new[0].path, new[0].caller, new[0].caller_email, new[0].reason) == \
+        ("code.call", federation.researcher_ids["site-b"], RESEARCHER, reason)
     assert not (federation.site("site-b").path / "runs" / plan["run_id"]).exists()
 
 
-def test_code_bound_to_another_asset_is_refused_at_review(federation: HttpFederation,
-                                                         imdb_train: pd.DataFrame) -> None:
+def test_code_bound_to_another_asset_is_refused_at_submission(federation: HttpFederation,
+                                                              imdb_train: pd.DataFrame) -> None:
+    # Prepare: a second dataset at site-a, and a plan for dataset "imdb" whose `data` is bound to the other one
     site = federation.site("site-a")
     other = imdb_train.iloc[-120:].reset_index(drop=True)
     upload_partition(federation.admins["site-a"], site, dataset="imdb-extra", reviews=other,
@@ -334,9 +355,15 @@ def test_code_bound_to_another_asset_is_refused_at_review(federation: HttpFedera
                         identity_key=site.identity_public_hex(), dataset="imdb-extra")
     plan = federation.plan(dp={"target_epsilon": None, "noise_multiplier": 1.0})  # says dataset "imdb"
 
-    report = federation.review("site-a", federation.submit("site-a", plan, handle))
+    # Execute
+    with pytest.raises(SyftException) as refused:
+        request_execution(handle, plan, federation.root / "functions")
 
-    assert report.problems == ("`data` is not bound to this site's private asset of the planned dataset",)
+    # Assert: the gate refused the request before syft stored it; the admin has nothing to review
+    assert str(refused.value).endswith("site-a: refused: code.request_code_execution (the site's API gate): `data` "
+                                       "must be this site's asset of dataset 'imdb'"), str(refused.value)
+    assert not [r for r in list_requests(federation.admins["site-a"]) if r.function == function_name(plan["run_id"])]
+    assert _gate_refusals(federation, "site-a")[-1].path == "code.request_code_execution"
 
 
 def test_an_extra_round_is_refused(federation: HttpFederation, full_run: FullRun) -> None:
@@ -373,12 +400,12 @@ def test_a_forged_roster_is_refused_at_review(federation: HttpFederation) -> Non
 
     report = federation.review("site-a", federation.submit("site-a", forged))
 
-    assert report.problems == (f"the roster pins key {other[:16]}... for site-a, but this site's "
-                               f"key is {own[:16]}...: check the roster with the other admins "
-                               "(`fedsite admin identity`)",)
+    assert report.problems == (f"roster entry site-a carries key {key_fingerprint(other)}: KEY DIFFERS from this "
+                               f"site's {key_fingerprint(own)} (a substituted or outdated key)",)
+    assert [(e.site_id, e.trusted) for e in report.roster] == [("site-a", False), ("site-b", True), ("site-c", True)]
 
 
-def test_code_changed_after_approval_is_refused_by_the_guard(federation: HttpFederation, full_run: FullRun) -> None:
+def test_code_changed_after_approval_is_refused_by_the_gate(federation: HttpFederation, full_run: FullRun) -> None:
     """Last in the file: once P' is approved in syft, syft may route calls of the run's name to P'."""
     # Prepare: P' has the run id of the approved plan P and a changed plan literal; site-a's admin
     # approves it in syft's own UI, bypassing Fedsite's review
@@ -389,15 +416,17 @@ def test_code_changed_after_approval_is_refused_by_the_guard(federation: HttpFed
         request = next(r for r in federation.admins["site-a"].requests if str(r.id.no_dash) == request_id)
         request.approve()
         code_id, digest = request.code.id, code_hash(request.code.raw_code)
+    spent = len(_ledger(federation, "site-a").records())
 
     # Execute
     seen = _raw_call(federation.handles["site-a"], function_name(changed["run_id"]), "advertise_keys",
                      {"round": 0, "attempt": 20}, code_id=code_id)
 
-    # Assert
-    reason = (f"site-a: refused: code {digest[:12]} has no Fedsite approval for rita@uni.org "
-              "(unapproved, changed after approval, or revoked); submit it for review")
+    # Assert: syft's approval is not Fedsite's; the API gate refuses the call before syft runs anything
+    reason = (f"site-a: refused: code.call (the site's API gate): code {digest[:12]} has no Fedsite approval here "
+              "for you (unapproved, changed after approval, or revoked): submit it for review")
     assert seen == f"SyftException: {reason}"
-    refusal = [e for e in AuditLog(site.path).events() if isinstance(e, ExecutionRefused)][-1]
-    assert (refusal.request_id, refusal.code_hash, refusal.reason) == (str(code_id.no_dash), digest, reason)
-    assert ApprovalRegistry(site.path).find(digest, researcher=RESEARCHER) is None
+    refusal = _gate_refusals(federation, "site-a")[-1]
+    assert (refusal.path, refusal.caller, refusal.reason) == ("code.call", federation.researcher_ids["site-a"], reason)
+    assert ApprovalRegistry(site.path).find(digest, researcher=federation.researcher_ids["site-a"]) is None
+    assert len(_ledger(federation, "site-a").records()) == spent

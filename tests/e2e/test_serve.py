@@ -5,6 +5,7 @@ from __future__ import annotations
 import psutil
 import pytest
 
+from datasites.mock import PUBLIC_MOCK_ROWS
 from datasites.server import login, quiet
 from tests.conftest import ADMIN_PASSWORD, RESEARCHER_PASSWORD
 from tests.e2e.conftest import ServedSite, fedsite, port_open
@@ -19,6 +20,7 @@ def _onboard(site: ServedSite, index: int, imdb_dir) -> None:  # type: ignore[no
                      "--site-index", str(index), "--epsilon", "8", "--delta", "1e-5")
     assert upload.returncode == 0, upload.stderr
     assert upload.stdout.startswith("uploaded imdb: 500 private reviews")
+    assert "mock twin: 200 rows, 100 positive, from public defaults" in upload.stdout
     added = fedsite("admin", "add-researcher", "--data-dir", str(site.data_dir), "--name", "Rita", "--email",
                     RESEARCHER, env={"FEDSITE_RESEARCHER_PASSWORD": RESEARCHER_PASSWORD})
     assert added.returncode == 0, added.stderr
@@ -45,16 +47,16 @@ def test_two_sites_serve_at_once_and_survive_kill_9(serve_site, imdb_dir) -> Non
         assert "loaded the round runtime (torch, transformers, opacus, peft) in " in site.log.read_text()
     _onboard(site_a, 0, imdb_dir)
     _onboard(site_b, 1, imdb_dir)
-    assert _researcher_view(site_a) == 500
-    assert _researcher_view(site_b) == 500
+    assert _researcher_view(site_a) == PUBLIC_MOCK_ROWS
+    assert _researcher_view(site_b) == PUBLIC_MOCK_ROWS
 
     site_a.kill9()
     assert not port_open(site_a.port)
-    assert _researcher_view(site_b) == 500  # the other site is unaffected
+    assert _researcher_view(site_b) == PUBLIC_MOCK_ROWS  # the other site is unaffected
     site_a.start()
     site_a.wait_ready()
 
-    assert _researcher_view(site_a) == 500
+    assert _researcher_view(site_a) == PUBLIC_MOCK_ROWS
     budget = fedsite("admin", "budget", "--data-dir", str(site_a.data_dir))
     assert "imdb                           8      1e-05        500" in budget.stdout
     admin = login("http://127.0.0.1", port=site_a.port, email="admin@site-a.fedsite.org", password=ADMIN_PASSWORD)
