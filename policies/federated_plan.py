@@ -20,7 +20,11 @@ PLAN_FORMAT = 1
 _RUN_ID = re.compile(r"^run-[0-9a-f]{8,32}$")
 _DATASET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _TRAINABLE_KEYS = {"kind", "top_k", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets"}
-_TINY_KEYS = {"vocab_size", "hidden_size", "layers", "heads", "max_length"}
+# A test model's sizes, bounded: the admin's review builds the model (a huge one would exhaust its machine).
+_TINY_KEYS = {"vocab_size": 250_000, "hidden_size": 4096, "layers": 48, "heads": 64, "max_length": 8192}
+# A model a site loads from its own installed copy: a Hugging Face name, never a path into the site's disk
+# (from_pretrained would read any directory there, and whether it exists would answer the researcher).
+_MODEL_NAME = re.compile(r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
 
 
 class FederatedPlanError(ValueError):
@@ -42,7 +46,7 @@ def _require(raw: Mapping[str, Any], key: str, kind: type | tuple[type, ...], wh
 class ModelSpec:
     """Which model every site builds (from its own installed copy; nothing is downloaded)."""
 
-    name: str | None  # a Hugging Face BERT-family name or local path; None with ``tiny``; default MiniLM
+    name: str | None  # a Hugging Face BERT-family name (never a path: _MODEL_NAME); None with ``tiny``; default MiniLM
     tiny: Mapping[str, int] | None  # keyword arguments of researcher.models.tiny_bert_config (tests)
     trainable: Mapping[str, Any]  # keyword arguments of researcher.models.TrainableSet
     seed: int  # seeds every weight that is not loaded (tiny models, new heads), identical at every site
@@ -63,9 +67,15 @@ class ModelSpec:
             raise FederatedPlanError("plan['model'] needs exactly one of 'name' (a checkpoint) and 'tiny' (a config)")
         if name is not None and not isinstance(name, str):
             raise FederatedPlanError(f"plan['model']['name'] must be a str, got {type(name).__name__}")
-        if tiny is not None and (not isinstance(tiny, Mapping) or set(tiny) - _TINY_KEYS
-                                 or not all(isinstance(v, int) and not isinstance(v, bool) for v in tiny.values())):
-            raise FederatedPlanError(f"plan['model']['tiny'] must map some of {sorted(_TINY_KEYS)} to ints")
+        if name is not None and not _MODEL_NAME.fullmatch(name):
+            raise FederatedPlanError(f"plan['model']['name'] {name!r} is not a model name: use a Hugging Face name such as "
+                                     "all-MiniLM-L6-v2 or org/model (a site loads it from its own installed copy; "
+                                     "no absolute path, no '..')")
+        if tiny is not None and (not isinstance(tiny, Mapping) or set(tiny) - set(_TINY_KEYS)
+                                 or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= _TINY_KEYS[k]
+                                            for k, v in tiny.items())):
+            raise FederatedPlanError(f"plan['model']['tiny'] must map some of {sorted(_TINY_KEYS)} to ints in "
+                                     f"1..{_TINY_KEYS}")
         trainable = _require(raw, "trainable", Mapping, "plan['model']")
         if set(trainable) - _TRAINABLE_KEYS or "kind" not in trainable:
             raise FederatedPlanError(f"plan['model']['trainable'] needs 'kind' and only {sorted(_TRAINABLE_KEYS)}")

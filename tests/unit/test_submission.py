@@ -113,6 +113,13 @@ def test_a_renamed_function_is_not_canonical() -> None:
         ({"roster": [["site-a", _key()]]}, r"invalid plan: a roster needs a tuple of at least 2 sites"),
         ({"model": {"name": "x", "tiny": {"hidden_size": 4}, "trainable": {"kind": "lora"}}},
          r"exactly one of 'name'"),
+        # a path would make the site load any model directory on its disk, and answer whether it exists
+        ({"model": {"name": "/home/owner/private-model", "trainable": {"kind": "lora"}}},
+         r"plan\['model'\]\['name'\] '/home/owner/private-model' is not a model name"),
+        ({"model": {"name": "models/../../secrets", "trainable": {"kind": "lora"}}}, r"is not a model name"),
+        # the admin's review builds the model: a huge one would exhaust its machine
+        ({"model": {"name": None, "tiny": {"vocab_size": 10**9}, "trainable": {"kind": "lora"}}},
+         r"plan\['model'\]\['tiny'\] must map some of .* to ints in 1\.\."),
         ({"model": {"name": "x", "trainable": {"kind": "lora"}, "pooling": "max"}},
          r"plan\['model'\]\['pooling'\] must be 'mean' or 'cls', got 'max'"),
         ({"model": {"name": "x", "trainable": {"kind": "lora"}, "centre": [0.1, float("nan")]}},
