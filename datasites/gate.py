@@ -38,7 +38,7 @@ from typing import Any
 from datasites.guard import GuardedSite, site_for
 from policies.approvals import ApprovalRegistry
 from policies.audit import ApiCallRefused, AuditLog
-from policies.review import code_hash
+from policies.review import code_hash, printable
 from policies.submission import SubmissionError, canonical_plan, function_name
 
 logger = logging.getLogger("fedsite.gate")
@@ -564,6 +564,12 @@ _PATH = re.compile(r"[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*){0,3}")
 _unknown_refusals = _UnknownCallers()
 
 
+def bounded(text: str, limit: int = 300) -> str:
+    """A reason that may quote the caller's text (an argument's name, a value): escaped and cut, so that a
+    call cannot write megabytes or terminal escapes into the audit log."""
+    return printable(text if len(text) <= limit else text[:limit] + f"... ({len(text) - limit} more characters)")
+
+
 def _shown(path: object) -> str:
     """A path as it may be shown and recorded: a well-formed service path, or a placeholder (the path is the
     caller's text: it could carry terminal escapes or megabytes)."""
@@ -572,7 +578,7 @@ def _shown(path: object) -> str:
 
 def _refusal(server: Any, site: GuardedSite | None, caller: Caller | None, path: str, why: str) -> Exception:
     name = site.name if site is not None else "this server"
-    message = f"{name}: refused: {_shown(path)} (the site's API gate): {why}"
+    message = f"{name}: refused: {_shown(path)} (the site's API gate): {bounded(why)}"
     if site is not None and caller is not None and caller.user_id is not None:
         # A researcher's refused call is on the record, under its immutable id. A key without an account
         # (anyone who reaches the port can make one) is not: it would let anyone grow the audit log at will.

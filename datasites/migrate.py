@@ -141,6 +141,8 @@ def migrate_format1(site: SiteDir, researcher_ids: Mapping[str, str]) -> list[st
     backup = site.path / BACKUP_DIR
     source = backup if (backup / "complete").exists() else site.path
     planned = {relative: _migrated(source, relative, researcher_ids) for relative in _journals(source)}
+    owners = _run_owners(planned.get(Path(APPROVALS_FILE), (None, []))[1])
+    planned = {relative: (_run_target(target, owners), records) for relative, (target, records) in planned.items()}
     old_entries, old_head = format1_head(source / AUDIT_FILE)
     _copy_once(site)
     done = []
@@ -148,10 +150,35 @@ def migrate_format1(site: SiteDir, researcher_ids: Mapping[str, str]) -> list[st
         (site.path / relative).unlink(missing_ok=True)
         site_journal(site.path, target).rewrite(records)
         done.append(f"{relative} -> {target}")
+    done += _move_round_states(site.path, owners)
     AuditLog(site.path).record(LogMigrated(from_format=meta.format, to_format=FORMAT, old_entries=old_entries,
                                            old_head=old_head, backup=BACKUP_DIR))
     write_json_atomic(site.meta_path, {**read_json(site.meta_path), "format": FORMAT}, mode=0o600)
     return done
+
+
+def _run_owners(approvals: list[dict[str, Any]]) -> dict[str, str]:
+    """Run id -> the researcher id it was approved for (format 2 keeps runs under runs/<researcher>/<run>/)."""
+    return {str(r["plan"]["run_id"]): str(r["researcher"]) for r in approvals
+            if r.get("kind") == "approval" and isinstance(r.get("plan"), dict) and "run_id" in r["plan"]}
+
+
+def _run_target(target: Path, owners: Mapping[str, str]) -> Path:
+    if target.parts[0] == "runs" and len(target.parts) == 3 and target.parts[1] in owners:
+        return Path("runs") / owners[target.parts[1]] / target.parts[1] / target.name
+    return target  # a run no approval names (a dry run's leftovers): left where it was
+
+
+def _move_round_states(root: Path, owners: Mapping[str, str]) -> list[str]:
+    """Each run's secure-sum state files, to where format 2 keeps them (the journals already moved)."""
+    moved = []
+    for run, researcher in owners.items():
+        old, new = root / "runs" / run, root / "runs" / researcher / run
+        for state in sorted(old.glob("round-*.state")) if old.is_dir() else []:
+            private_dirs(new)
+            state.rename(new / state.name)
+            moved.append(f"{state.relative_to(root)} -> {(new / state.name).relative_to(root)}")
+    return moved
 
 
 def researcher_ids(users: Iterable[Any]) -> dict[str, str]:

@@ -229,7 +229,12 @@ def _dry_run(mock: Any, site: SiteDir, raw: str, summary: RequestSummary, plan: 
     provisional = Approval(request_id=summary.request_id, code_hash=code_hash(raw), researcher=summary.researcher,
                            researcher_email=summary.researcher_email, dataset=plan.dataset, plan=dict(plan.raw), calibrated=calibrated.to_dict() if calibrated else {},
                            admin="review", approved_at=datetime.now(UTC).isoformat())
-    result = dry_run(raw, mock, site=site.meta().name, researcher=summary.researcher, approval=provisional)
+    try:
+        result = dry_run(raw, mock, site=site.meta().name, researcher=summary.researcher, approval=provisional)
+    except Exception as exc:  # noqa: BLE001 - the researcher's code failing on the mock is a finding, not a crash
+        problems.append(f"dry run: the code failed on the mock twin with {type(exc).__name__}: "
+                        f"{printable(str(exc))[:300]}")
+        return None
     if "refused" in result:
         problems.append(f"dry run: {result['refused']}")
         return None

@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Protocol
 
@@ -624,7 +624,38 @@ def _refuse_torch_generator(kwargs: Mapping[str, Any]) -> None:
                           "torch generator nor secure_mode")
 
 
-class SecureNoiseDPOptimizer(_SecureNoiseStep, DPOptimizer):
+class _FiniteRecords:
+    """A record whose per-sample gradient is not finite contributes nothing to the step.
+
+    Clipping bounds a finite gradient's norm, not a NaN or an infinity: one such record would make the
+    whole summed gradient non-finite, and whether a round then fails would say whether that record was in
+    the batch. A researcher can choose a global model that overflows for one particular review (weights
+    near float32's limit pointed at its embedding), so this is a membership oracle outside any epsilon.
+    Zeroing the record's gradient keeps its contribution within the clip bound (zero), the sum finite and
+    the round's outcome a function of the noisy sums only. Per-sample gradients of BERT are independent
+    across records (LayerNorm, not BatchNorm), so one record's overflow cannot reach another's.
+    """
+
+    params: list[Any]
+    _get_flat_grad_sample: Callable[[Any], torch.Tensor]
+
+    def clip_and_accumulate(self) -> None:
+        samples = [self._get_flat_grad_sample(p) for p in self.params]
+        if samples and len(samples[0]):
+            finite = torch.ones(len(samples[0]), dtype=torch.bool, device=samples[0].device)
+            for sample in samples:
+                finite &= torch.isfinite(sample.reshape(len(sample), -1)).all(dim=1).to(finite.device)
+            for p, sample in zip(self.params, samples, strict=True):
+                keep = finite.to(sample.device).view(-1, *([1] * (sample.dim() - 1)))
+                p.grad_sample = torch.where(keep, sample, torch.zeros((), dtype=sample.dtype, device=sample.device))
+        super().clip_and_accumulate()  # type: ignore[misc]
+
+
+class FiniteRecordsDPOptimizer(_FiniteRecords, DPOptimizer):
+    """Opacus's ``DPOptimizer`` with torch's noise, where a non-finite per-sample gradient counts as zero."""
+
+
+class SecureNoiseDPOptimizer(_SecureNoiseStep, _FiniteRecords, DPOptimizer):
     """Opacus's ``DPOptimizer`` (per-sample gradients, "hooks") with CSPRNG noise."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, noise_source: SecureGaussianNoise, **kwargs: Any) -> None:
@@ -706,7 +737,7 @@ def _dp_optimizer(
     if secure_mode:
         secure = SecureNoiseFastGradientClippingOptimizer if ghost else SecureNoiseDPOptimizer
         return secure(base, noise_source=SecureGaussianNoise(), **kwargs)
-    plain = DPOptimizerFastGradientClipping if ghost else DPOptimizer
+    plain = DPOptimizerFastGradientClipping if ghost else FiniteRecordsDPOptimizer
     return plain(base, generator=generators.noise, secure_mode=False, **kwargs)
 
 

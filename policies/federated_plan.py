@@ -76,6 +76,10 @@ class ModelSpec:
                                             for k, v in tiny.items())):
             raise FederatedPlanError(f"plan['model']['tiny'] must map some of {sorted(_TINY_KEYS)} to ints in "
                                      f"1..{_TINY_KEYS}")
+        if tiny is not None and _tiny_parameters(tiny) > MAX_TINY_PARAMETERS:
+            raise FederatedPlanError(f"plan['model']['tiny'] makes a model of about {_tiny_parameters(tiny):,} "
+                                     f"parameters, over {MAX_TINY_PARAMETERS:,}: a tiny model is for tests; name a "
+                                     "checkpoint for a real one")
         trainable = _require(raw, "trainable", Mapping, "plan['model']")
         if set(trainable) - _TRAINABLE_KEYS or "kind" not in trainable:
             raise FederatedPlanError(f"plan['model']['trainable'] needs 'kind' and only {sorted(_TRAINABLE_KEYS)}")
@@ -103,6 +107,16 @@ class ModelSpec:
             raise FederatedPlanError(f"plan['model']['dropout'] must be a float in [0, 1) (e.g. 0.0), got {dropout!r}")
         return ModelSpec(name=name, tiny=tiny, trainable=trainable, seed=seed, pooling=pooling, centre=centre,
                          head_init=head_init, dropout=dropout)
+
+
+MAX_TINY_PARAMETERS = 50_000_000  # the admin's review builds the model before anything else: keep it small
+
+
+def _tiny_parameters(tiny: Mapping[str, int]) -> int:
+    """About how many parameters researcher.models.tiny_bert_config makes (FFN width 2h), without building it."""
+    sizes = {"vocab_size": 128, "hidden_size": 32, "layers": 2, "max_length": 64, **tiny}
+    hidden = sizes["hidden_size"]
+    return (sizes["vocab_size"] + sizes["max_length"] + 2) * hidden + sizes["layers"] * (8 * hidden * hidden + 9 * hidden)
 
 
 def _finite_floats(value: object, *, most: int) -> bool:
@@ -154,6 +168,11 @@ class FederatedPlan:
             raise FederatedPlanError(f"plan['dataset'] {dataset!r} is not a dataset name")
         try:
             dp = DPPlan.from_dict(_require(raw, "dp", Mapping))
+            if dp.clipping_mode != "hooks":
+                # Ghost clipping never holds per-sample gradients, so a record whose gradient overflows (a
+                # crafted global model can make one) would poison its batch's sum: see policies.dp._FiniteRecords.
+                raise DPPlanError(f"clipping_mode must be 'hooks' in a federated plan, got {dp.clipping_mode!r}: "
+                                  "ghost clipping cannot leave out a record whose gradient is not finite")
             secure_sum = SecureSumConfig.from_wire(_require(raw, "secure_sum", Mapping))
             roster = Roster.of((str(site), bytes.fromhex(str(key))) for site, key in _require(raw, "roster", list))
             RoundContext(config=secure_sum, roster=roster, session_id=f"{run_id}/check")

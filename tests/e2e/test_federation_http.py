@@ -242,10 +242,10 @@ def test_a_fake_dropout_claim_cannot_unmask_a_live_site(federation: HttpFederati
 def _kill_when_round_starts(site: ServedSite, run_id: str, round_index: int, killed: threading.Event,
                             stop: threading.Event) -> None:
     """SIGKILL ``site`` as soon as it has saved its secure-sum state for ``round_index`` (unless stopped)."""
-    runs = site.data_dir / "runs" / run_id
+    runs = site.data_dir / "runs"  # runs/<researcher id>/<run id>/
     deadline = time.monotonic() + KILL_WAIT_S
     while time.monotonic() < deadline and not stop.is_set():
-        if any(runs.glob(f"round-{round_index}-attempt-*.state")):
+        if any(runs.glob(f"*/{run_id}/round-{round_index}-attempt-*.state")):
             site.kill9()
             killed.set()
             return
@@ -341,7 +341,7 @@ def test_unapproved_code_is_refused_at_the_api_gate(federation: HttpFederation) 
     assert [e.kind for e in new] == ["api_call_refused"]
     assert (new[0].path, new[0].caller, new[0].caller_email, new[0].reason) == \
         ("code.call", federation.researcher_ids["site-b"], RESEARCHER, reason)
-    assert not (federation.site("site-b").path / "runs" / plan["run_id"]).exists()
+    assert not list((federation.site("site-b").path / "runs").glob(f"*/{plan['run_id']}"))
 
 
 def test_code_bound_to_another_asset_is_refused_at_submission(federation: HttpFederation,

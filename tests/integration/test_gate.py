@@ -444,3 +444,15 @@ def test_refusals_record_no_callers_text_and_keys_without_an_account_write_nothi
                                    "for you") for s in strangers)
     recorded = site.refusals()[before:]
     assert [(r["path"], r["caller_email"]) for r in recorded] == [("<malformed path>", RITA)]
+
+
+def test_a_refusal_quotes_no_more_than_a_few_hundred_characters_of_the_callers_text(site: Site) -> None:
+    before = len(site.refusals())
+
+    answer = raw_call(site.rita, "user.get_current_user", **{"x" * 1_000_000: 1})
+
+    reason = gate_refusal(answer, "site-a", "user.get_current_user")
+    assert reason.startswith("unexpected arguments ['xxx") and reason.endswith("more characters)")
+    assert len(reason) < 400
+    (recorded,) = site.refusals()[before:]
+    assert len(recorded["reason"]) < 500

@@ -33,6 +33,7 @@ REQUEST_ID = "0123456789abcdef0123456789abcdef"
 OLD_LEDGER = Path("ledger") / "imdb" / f"{RITA}.jsonl"
 NEW_LEDGER = Path("ledger") / "imdb" / f"{RITA_ID}.jsonl"
 SESSIONS = Path("runs") / RUN / "sessions.jsonl"
+NEW_SESSIONS = Path("runs") / RITA_ID / RUN / "sessions.jsonl"  # format 2 keeps a run under its researcher
 ROUNDS = [(1.1, 0.032, 20), (1.1, 0.032, 20)]  # (noise multiplier, sample rate, steps) of the two spends
 
 
@@ -140,7 +141,7 @@ def test_migration_rekeys_every_journal_and_loses_no_spend(tmp_path: Path) -> No
 
     # Assert: the format
     assert done == ["approvals.jsonl -> approvals.jsonl", "audit.jsonl -> audit.jsonl",
-                    f"{OLD_LEDGER} -> {NEW_LEDGER}", f"{SESSIONS} -> {SESSIONS}"]
+                    f"{OLD_LEDGER} -> {NEW_LEDGER}", f"{SESSIONS} -> {NEW_SESSIONS}"]
     assert format_of(site) == 2
     assert site.meta().format == 2
     # the ledger: moved to the id, every record re-keyed, nothing else changed, the same epsilon
@@ -165,7 +166,8 @@ def test_migration_rekeys_every_journal_and_loses_no_spend(tmp_path: Path) -> No
     assert (events[1].researcher, events[1].researcher_email) == (RITA_ID, RITA)
     assert isinstance(events[2], PrivacySpent) and events[2].researcher == RITA_ID
     # the run's sessions, and the backup of every old journal
-    sessions = site_journal(site.path, SESSIONS).entries()
+    assert not (site.path / SESSIONS).exists()
+    sessions = site_journal(site.path, NEW_SESSIONS).entries()
     assert [dict(e.record) for e in sessions] == [{"session_id": f"{RUN}/0/0", "round": 0, "attempt": 0}]
     backup = site.path / BACKUP_DIR
     assert {relative: (backup / relative).read_bytes() for relative in old_files} == old_files

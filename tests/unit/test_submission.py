@@ -120,6 +120,9 @@ def test_a_renamed_function_is_not_canonical() -> None:
         # the admin's review builds the model: a huge one would exhaust its machine
         ({"model": {"name": None, "tiny": {"vocab_size": 10**9}, "trainable": {"kind": "lora"}}},
          r"plan\['model'\]\['tiny'\] must map some of .* to ints in 1\.\."),
+        ({"model": {"name": None, "tiny": {"vocab_size": 250_000, "hidden_size": 4096, "layers": 48},
+                    "trainable": {"kind": "lora"}}},
+         r"plan\['model'\]\['tiny'\] makes a model of about 7,[0-9,]+ parameters, over 50,000,000"),
         ({"model": {"name": "x", "trainable": {"kind": "lora"}, "pooling": "max"}},
          r"plan\['model'\]\['pooling'\] must be 'mean' or 'cls', got 'max'"),
         ({"model": {"name": "x", "trainable": {"kind": "lora"}, "centre": [0.1, float("nan")]}},
@@ -197,6 +200,9 @@ def test_vectors_travel_as_exact_little_endian_float32() -> None:
         (123, 3, r"must be a base64 str, got int"),
         (base64.b64encode(b"\x00" * 8).decode(), 3, r"has 2 values, the plan has 3 trainable parameters"),
         (base64.b64encode(np.array([np.nan], dtype="<f4").tobytes()).decode(), 1, r"NaN or infinite"),
+        # weights near float32's limit, aimed at one review's embedding, would make only that review overflow
+        (base64.b64encode(np.array([0.5, -2e37], dtype="<f4").tobytes()).decode(), 2,
+         r"^the global model has a value beyond \+-10000: no trained weight is that large$"),
     ],
 )
 def test_bad_global_models_are_refused(encoded: Any, length: int, message: str) -> None:
