@@ -6,7 +6,7 @@ process's rights: read or write any file, call methods of the private asset), bl
 worker pools, custom API endpoints, notifications and sync. Wrapping the one path that runs approved
 code is not enough. So a Fedsite site wraps ``Server.handle_api_call_with_unsigned_result``, the one
 method every API call enters (over HTTP, ``POST /api/v2/api_call``, and from an in-process client
-alike; docs/syft.md), and for every caller below the data-owner role it:
+alike; see docs/security.md), and for every caller below the data-owner role it:
 
 1. refuses an unsigned call, a call with an invalid signature, one addressed to another server
    (syft would forward it), a non-blocking one (a job the researcher would then poll through the

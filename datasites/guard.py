@@ -91,7 +91,7 @@ def discard_call_inputs(action_service: Any, context: Any, kwargs: dict[str, Any
     """Delete the researcher's per-call inputs once an authorised call is over.
 
     syft keeps every uploaded argument, and puts those over 1 MB (a global model) in blob storage
-    that it never cleans up (docs/syft.md, "Persistence"); over many rounds that fills the site's
+    that it never cleans up (syft 0.9.5 keeps every blob); over many rounds that fills the site's
     disk. The inputs are not needed after the call: the site's own state lives in its data dir.
 
     The deletion runs with the server's rights, so it is confined to what the caller could delete
