@@ -122,15 +122,21 @@ class Allowed:
 @dataclass
 class _Granted:
     results: dict[tuple[str, str], set[str]] = field(default_factory=dict)  # (server, caller) -> result ids
+    blobs: dict[tuple[str, str], set[str]] = field(default_factory=dict)  # (server, caller) -> their blob ids
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add(self, server: str, caller: str, uid: str) -> None:
+    def add(self, server: str, caller: str, uid: str, blobs: Iterable[str]) -> None:
         with self.lock:
             self.results.setdefault((server, caller), set()).add(uid)
+            self.blobs.setdefault((server, caller), set()).update(blobs)
 
     def has(self, server: str, caller: str, uid: str) -> bool:
         with self.lock:
             return uid in self.results.get((server, caller), set())
+
+    def has_blob(self, server: str, caller: str, uid: str) -> bool:
+        with self.lock:
+            return uid in self.blobs.get((server, caller), set())
 
 
 _granted = _Granted()
@@ -301,31 +307,26 @@ def _read(call: Call) -> None:
     entry = _blob_entry(call, uid) if uid else None
     if entry is None:
         raise GateRefusal("no such blob")
-    if entry.uploaded_by == call.caller.verify_key or uid in _readable_blobs(call):
+    if entry.uploaded_by == call.caller.verify_key or _granted.has_blob(*_key(call), str(uid)):
+        return
+    if uid in {blob for asset in _assets(call) for blob in _blob_ids(call, asset, mock_only=True)}:
         return
     raise GateRefusal("only blobs of your own inputs and outputs, or of a mock twin, may be read")
 
 
-def _readable_blobs(call: Call) -> set[str]:
-    """Blob ids of the mock twins and of the caller's granted outputs."""
+def _blob_ids(call: Call, uid_hex: str, *, mock_only: bool = False) -> list[str]:
+    """The blob ids behind a stored object: of its mock only (an asset), or of all its parts (an output)."""
     from syft.types.errors import SyftException
     from syft.types.uid import UID
 
-    server, caller = _key(call)
-    with _granted.lock:
-        results = set(_granted.results.get((server, caller), set()))
-    ids = [*_assets(call), *results]
-    found = set()
-    for uid in ids:
-        try:
-            obj = call.server.services.action.stash.get(credentials=call.server.verify_key, uid=UID(uid)).unwrap()
-        except SyftException:
-            continue
-        target = getattr(obj, "mock_obj", None) if uid not in results else obj  # an asset: its mock only
-        blob = getattr(target, "syft_blob_storage_entry_id", None)
-        if blob is not None:
-            found.add(str(blob.no_dash))
-    return found
+    try:
+        obj = call.server.services.action.stash.get(credentials=call.server.verify_key, uid=UID(uid_hex)).unwrap()
+    except SyftException:
+        return []
+    parts = [getattr(obj, "mock_obj", None)] if mock_only else [obj, getattr(obj, "private_obj", None),
+                                                                getattr(obj, "mock_obj", None)]
+    blobs = [getattr(part, "syft_blob_storage_entry_id", None) for part in parts]
+    return [str(blob.no_dash) for blob in blobs if blob is not None]
 
 
 def _set(call: Call) -> None:
@@ -464,8 +465,8 @@ def _value(result: Any) -> Any:
 def _record_result(call: Call, result: Any) -> Any:
     obj = _value(result)
     uid = _uid_hex(getattr(obj, "id", None))
-    if uid is not None:
-        _granted.add(*_key(call), uid)
+    if uid is not None:  # its blobs are looked up once, here, not at every read
+        _granted.add(*_key(call), uid, _blob_ids(call, uid))
     return result
 
 
