@@ -28,11 +28,10 @@ from datasites.errors import FedsiteError
 from datasites.guard import register_site, unregister_site
 from datasites.migrate import BACKUP_DIR, migrate_format1, researcher_ids
 from datasites.secrets import check_password_strength
-from datasites.server_errors import relay_unexpected_server_errors
 from datasites.sitedir import FORMAT, SiteDir, SiteMeta, check_site_name
-from datasites.syft_speedups import install_syft_speedups
+from datasites.syft_patches import install as install_syft_patches
 from policies.submission import load_runtime
-from policies.syft_client import SiteConnectionError, prepare_syft_environment, quiet
+from policies.syft_client import SiteConnectionError, quiet
 from policies.syft_client import login as client_login
 
 DEFAULT_HOST = "127.0.0.1"
@@ -68,7 +67,6 @@ def check_site_device(device: str) -> str:
 
 
 def _prepare_syft_environment() -> None:
-    prepare_syft_environment()
     for variable in ("SERVER_UID", "SERVER_PRIVATE_KEY"):  # would override the data dir's identity
         os.environ.pop(variable, None)
 
@@ -186,6 +184,7 @@ def build_datasite(site: SiteDir, *, admin_password: str, db_url: str | None = N
     """The syft Datasite for this data dir (its own identity, store and blobs)."""
     meta = site.meta(current=False)
     _prepare_syft_environment()
+    install_syft_patches()  # checks the syft version before syft builds anything
     with quiet():
         from syft.server.credentials import SyftSigningKey
         from syft.server.datasite import Datasite
@@ -212,8 +211,6 @@ def build_datasite(site: SiteDir, *, admin_password: str, db_url: str | None = N
             n_consumers=n_consumers,
             create_producer=n_consumers > 0,
         )
-    install_syft_speedups()
-    relay_unexpected_server_errors()
     _enforce_no_signup(worker)
     return worker
 
