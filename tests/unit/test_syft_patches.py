@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 
@@ -79,3 +80,26 @@ def test_syft_logs_are_silent_unless_verbose(monkeypatch: pytest.MonkeyPatch) ->
     assert logging.getLogger("syft").level == logging.NOTSET
     syft_patches.install(verbose=False)
     assert logging.getLogger("syft").getEffectiveLevel() > logging.CRITICAL
+
+
+def test_fedsite_commands_that_talk_to_syft_refuse_another_version(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedsite.cli import main
+
+    monkeypatch.setattr(client_patches, "_state", client_patches._State())
+    monkeypatch.setattr(client_patches.metadata, "version", lambda name: "0.10.0")
+
+    code = main(["admin", "requests", "--data-dir", str(tmp_path), "--verbose"])
+
+    assert code == 2
+    assert capsys.readouterr().err.startswith("fedsite: error: syft 0.10.0 is installed, but Fedsite's patches to "
+                                              "syft were written for syft 0.9.5")
+
+
+@pytest.mark.parametrize("argv", [["serve", "--data-dir", "d", "--port", "1"], ["demo"],
+                                  ["admin", "show", "abcdef", "--data-dir", "d"]])
+def test_verbose_is_a_flag_of_the_commands_that_print_syft_noise(argv: list[str]) -> None:
+    from fedsite.cli import build_parser
+
+    assert build_parser().parse_args(argv).verbose is False
+    assert build_parser().parse_args([*argv, "--verbose"]).verbose is True
