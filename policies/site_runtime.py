@@ -13,7 +13,7 @@ and the Poisson batch sizes (the researcher times its own calls). One call runs 
 Figure 4) for one attempt at one round; the site's half of the protocol state lives in
 ``<data-dir>/runs/<run-id>/`` between calls, so a restart of the site loses nothing.
 
-syft runs each call twice, on the private partition and on the mock (SYFT_NOTES.md); the mock run
+syft runs each call twice, on the private partition and on the mock (docs/syft.md); the mock run
 is recognised by the partition fingerprint and returns ``{"mock": True}`` without touching state.
 """
 

@@ -52,6 +52,7 @@ from researcher.federation import FederatedRound, SiteHandle, make_plan, submit
 from researcher.models import build_from_spec
 from tests.conftest import ADMIN_PASSWORD, RESEARCHER_PASSWORD
 from tests.e2e.conftest import ServedSite, fedsite, free_port
+from tests.e2e.kill import kill9
 from tests.raw_syft import gate_refusal, raw_call, refusal, value_of
 
 pytestmark = pytest.mark.e2e
@@ -291,7 +292,7 @@ def fed(tmp_path_factory: pytest.TempPathFactory, imdb_train: pd.DataFrame) -> I
             yield fed
     finally:
         for site in served.values():
-            site.kill9()
+            kill9(site)
 
 
 class RecordingRound(FederatedRound):
