@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from models import (
     ModelConfigError,
     TrainableSet,
@@ -259,3 +260,20 @@ def test_a_spec_without_dropout_keeps_the_checkpoints_own() -> None:
 
     assert {m.p for m in kept.modules() if isinstance(m, torch.nn.Dropout)} == {0.0}  # tiny_bert_config's
     assert {m.p for m in off.modules() if isinstance(m, torch.nn.Dropout)} == {0.25}
+
+
+def test_build_from_spec_parses_the_spec_as_a_site_does() -> None:
+    from models import ModelSpec, build_from_spec
+
+    spec = {"name": None, "tiny": {"hidden_size": 32, "layers": 2, "heads": 2, "max_length": 64},
+            "trainable": {"kind": "lora", "lora_rank": 4, "lora_targets": ["query"]}, "seed": 0}
+
+    parsed = ModelSpec.parse(spec)
+    from_json, _ = build_from_spec(spec)
+    from_spec, _ = build_from_spec(parsed)
+
+    assert parsed.trainable == TrainableSet(kind="lora", lora_rank=4, lora_targets=("query",))
+    assert [n for n, _ in from_json.named_parameters()] == [n for n, _ in from_spec.named_parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(from_json.parameters(), from_spec.parameters(), strict=True))
+    with pytest.raises(ModelConfigError, match=r"plan\['model'\]\['name'\] '/srv/private-model' is not a model name"):
+        build_from_spec({"name": "/srv/private-model", "trainable": {"kind": "head"}})

@@ -147,6 +147,13 @@ def test_a_renamed_function_is_not_canonical() -> None:
          r"plan\['model'\]\['dropout'\] must be a float in \[0, 1\) \(e.g. 0.0\), got 1.0"),
         ({"model": {"name": "x", "trainable": {"kind": "lora"}, "dropout": 0}},
          r"plan\['model'\]\['dropout'\] must be a float in \[0, 1\)"),
+        # the trainable set is validated with the plan (models.spec), not first when a site builds the model
+        ({"model": {"name": "x", "trainable": {"kind": "prefix"}}},
+         r"plan\['model'\]\['trainable'\]: kind must be one of \('full', 'top_k', 'lora', 'head'\), got 'prefix'"),
+        ({"model": {"name": "x", "trainable": {"kind": "lora", "lora_targets": "query"}}},
+         r"plan\['model'\]\['trainable'\]\['lora_targets'\] must be a list of layer names, got 'query'"),
+        ({"model": {"name": "x", "trainable": {"kind": "lora", "lora_rank": 0}}},
+         r"plan\['model'\]\['trainable'\]: lora_rank must be an int >= 1, got 0"),
     ],
 )
 def test_bad_plans_name_the_field(change: dict[str, Any], message: str) -> None:
