@@ -71,7 +71,7 @@ class ReviewReport:
             model = dict(self.plan.model.__dict__)
             if model.get("centre") is not None:  # a fixed input shift, not worth 384 numbers on screen
                 model["centre"] = f"<{len(model['centre'])} values, norm {math.hypot(*model['centre']):.3f}>"
-            if model.get("head_init") is not None:  # the classifier's starting weights (researcher.models.prompt_head)
+            if model.get("head_init") is not None:  # the classifier's starting weights (models.prompt_head)
                 weight = model["head_init"]["weight"]
                 model["head_init"] = f"<{len(weight)} x {len(weight[0])} weights and {len(weight)} biases>"
             lines += [f"plan {self.plan.run_id}: dataset {self.plan.dataset}, model {model}",

@@ -56,7 +56,7 @@ def flatten_trainable(model: nn.Module) -> tuple[np.ndarray, Layout]:
     """The trainable parameters as one float32 vector [layout_size(layout)], and their layout."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not named:
-        raise LayoutMismatchError("the model has no trainable parameters: select some with researcher.models.TrainableSet")
+        raise LayoutMismatchError("the model has no trainable parameters: select some with models.TrainableSet")
     with torch.no_grad():
         vector = torch.cat([p.detach().reshape(-1).to("cpu", torch.float32) for _, p in named])  # [sum numel]
     return vector.numpy(), trainable_layout(model)  # cat made a fresh tensor: nothing else shares it

@@ -24,6 +24,7 @@ from datasites.admin import add_researcher, connect_admin, pin_each_other, uploa
 from datasites.partition import partition_indices
 from datasites.review_queue import ReviewReport, approve_request, list_requests, review_request
 from datasites.sitedir import SiteDir
+from models import build_from_spec
 from policies.approvals import ApprovalRegistry
 from policies.audit import ApiCallRefused, AuditLog, PrivacySpent
 from policies.budget import PrivacyBudget
@@ -45,7 +46,6 @@ from researcher.federation import (
     run_round,
     submit,
 )
-from researcher.models import build_from_spec
 from researcher.report import RunReport
 from researcher.trainer import FederatedTrainer, TrainerSettings
 from tests.conftest import ADMIN_PASSWORD, IMDB_DIR, RESEARCHER_PASSWORD

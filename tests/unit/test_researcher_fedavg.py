@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from models import TrainableSet, build_model, tiny_bert_config
 from policies.dp import trainable_parameters
 from researcher.fedavg import (
     FLAT_VECTOR_FORMAT,
@@ -21,7 +22,6 @@ from researcher.fedavg import (
     layout_size,
     parse_layout,
 )
-from researcher.models import TrainableSet, build_model, tiny_bert_config
 
 pytestmark = pytest.mark.unit
 
