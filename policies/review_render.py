@@ -35,7 +35,7 @@ _ORIGINS = {
     "plan['model']['head_init']['weight']": "label-prompt rows, scaled on the centred public texts (prompt_head)",
     "plan['model']['head_init']['bias']": "the label-prompt head's biases (prompt_head)",
 }
-_NOT_RECORDED = "the plan does not record which texts, nor their digest"
+_NOT_RECORDED = "the plan records neither the texts nor their digest"
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
@@ -160,6 +160,8 @@ def render_listing(source: str, *, full: bool = False) -> tuple[list[str], list[
         lines[line - 1: end_line] = [(head + summary.inline().encode() + tail).decode(errors="replace")]
     if not summaries:
         return lines, []
-    header = (f"long numeric literals, summarised above ({len(summaries)}; the full literal: `fedsite admin show "
-              "--full REQUEST`; sha256: the first 16 hex digits of the SHA-256 of the values as compact JSON):")
-    return lines, [header, *(line for summary in summaries for line in summary.describe())]
+    header = [f"{len(summaries)} long numeric literal{'s' if len(summaries) > 1 else ''} summarised above; "
+              "`fedsite admin show --full REQUEST` prints them",
+              "(sha256: the first 16 hex digits of the SHA-256 of the values as JSON, json.dumps(values, "
+              "separators=(',', ':'))):"]
+    return lines, [*header, *(line for summary in summaries for line in summary.describe())]

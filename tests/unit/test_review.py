@@ -422,8 +422,9 @@ def test_the_listing_summarises_the_plans_long_vectors_by_shape_norm_and_digest(
     assert f"'weight': <2 x 48 numbers, L2 norm {weight.norm:.6g}, sha256 {weight.digest}>}}," in "\n".join(listing)
     assert "'bias': [-0.25, 0.25]," in "\n".join(listing)  # short lists stay as they are
     assert "0.125" not in "\n".join(listing) and "`fedsite admin show --full REQUEST`" in table[0]
-    assert table[1].startswith(f"  plan['model']['centre'] (lines {centre.span[0]}-{centre.span[2]}): 48 numbers")
-    assert "public texts" in table[2] and "the plan does not record which texts" in table[2]
+    assert table[2] == (f"  plan['model']['centre'] (lines {centre.span[0]}-{centre.span[2]}): 48 numbers, "
+                        f"L2 norm {centre.norm:.6g}, sha256 {centre.digest}")
+    assert "public texts" in table[3] and "the plan records neither the texts nor their digest" in table[3]
 
 
 def test_the_full_listing_is_the_exact_source_and_the_hash_is_of_the_exact_source() -> None:
