@@ -3,7 +3,8 @@
 Every step is the real one: three syft datasites (in this process, or with ``--http`` as separate
 `fedsite serve` processes on loopback ports) each upload a private IMDB partition with its mock
 twin and a privacy budget; the researcher plans a run and submits the round function to each site;
-each admin's review is printed and the request approved; then R rounds of per-site DP-SGD whose
+each admin reviews and approves the request (the first review is printed in full, and a later one as
+one line when its code hash and plan are the first's); then R rounds of per-site DP-SGD whose
 updates leave only through the secure sum; finally the accuracy, each site's epsilon (read from its
 own ledger) and the report and plot.
 """
