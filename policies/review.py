@@ -375,6 +375,8 @@ def _parse(source: str) -> ast.Module:
         raise unparsable(f"{exc.msg}{where}") from exc
     except ValueError as exc:  # NUL bytes, on Python versions that raise ValueError for them
         raise unparsable(str(exc)) from exc
+    except RecursionError as exc:  # nesting deeper than the parser's stack (e.g. thousands of chained operators)
+        raise unparsable(f"it is nested too deeply to parse ({exc})") from exc
 
 
 def review_code(source: str) -> CodeReview:

@@ -107,22 +107,28 @@ def _flat(values: Any) -> Iterator[float]:
             yield float(value)
 
 
-def _walk(node: ast.AST, where: str) -> Iterator[tuple[ast.AST, str]]:
-    """(node, its place) for every node, the place named by dict keys and list indices from ``plan = ...``."""
-    yield node, where
+def _walk(tree: ast.AST) -> Iterator[tuple[ast.AST, str]]:
+    """(node, its place) for every node in source order, the place named by dict keys and list indices
+    from ``plan = ...``. Iterative: deeply nested code must not exhaust the stack of the admin's review."""
+    stack: list[tuple[ast.AST, str]] = [(tree, "")]
+    while stack:
+        node, where = stack.pop()
+        yield node, where
+        stack.extend(reversed(list(_children(node, where))))
+
+
+def _children(node: ast.AST, where: str) -> Iterator[tuple[ast.AST, str]]:
     if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-        yield from _walk(node.value, node.targets[0].id)
-        return
-    if isinstance(node, ast.Dict) and where:
+        yield node.targets[0], ""
+        yield node.value, node.targets[0].id
+    elif isinstance(node, ast.Dict) and where:
         for key, value in zip(node.keys, node.values, strict=True):
-            label = f"{where}[{key.value!r}]" if isinstance(key, ast.Constant) else ""
             if key is not None:
-                yield from _walk(key, "")
-            yield from _walk(value, label)
-        return
-    for index, child in enumerate(ast.iter_child_nodes(node)):
-        inner = f"{where}[{index}]" if where and isinstance(node, ast.List | ast.Tuple) else ""
-        yield from _walk(child, inner)
+                yield key, ""
+            yield value, f"{where}[{key.value!r}]" if isinstance(key, ast.Constant) else ""
+    else:
+        for index, child in enumerate(ast.iter_child_nodes(node)):
+            yield child, f"{where}[{index}]" if where and isinstance(node, ast.List | ast.Tuple) else ""
 
 
 def summarise_vectors(source: str) -> tuple[VectorSummary, ...]:
@@ -131,10 +137,10 @@ def summarise_vectors(source: str) -> tuple[VectorSummary, ...]:
     Code that does not parse has none (the review reports it as unparsable and shows it in full)."""
     try:
         tree = ast.parse(source)
-    except (SyntaxError, ValueError):
+    except (SyntaxError, ValueError, RecursionError):
         return ()
     found: list[VectorSummary] = []
-    for node, where in _walk(tree, ""):
+    for node, where in _walk(tree):
         shape = _shape(node)
         if not isinstance(node, ast.List | ast.Tuple) or shape is None or math.prod(shape) <= MAX_INLINE_NUMBERS:
             continue

@@ -489,3 +489,15 @@ def test_the_admins_review_summarises_vectors_unless_full() -> None:
     assert f"sha256 {_digest(CENTRE)}" in short and "0.125" not in short
     assert source.rstrip() in full and "summarised above" not in full
     assert f"code sha256: {code_hash(source)}" in short and f"code sha256: {code_hash(source)}" in full
+
+
+def test_deeply_nested_code_is_listed_and_code_too_deep_to_parse_is_refused_not_crashed_on() -> None:
+    from policies.review_render import render_listing
+
+    deep = "def f():\n    x = " + "+".join(["1"] * 2000) + "\n"
+    too_deep = "def f():\n    x = " + "+".join(["1"] * 50_000) + "\n"
+
+    assert render_listing(deep) == (deep.rstrip().split("\n"), [])
+    assert render_listing(too_deep) == (too_deep.rstrip().split("\n"), [])
+    with pytest.raises(CodeReviewError, match=r"does not parse: it is nested too deeply to parse"):
+        review_code(too_deep)
