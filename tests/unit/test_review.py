@@ -501,3 +501,17 @@ def test_deeply_nested_code_is_listed_and_code_too_deep_to_parse_is_refused_not_
     assert render_listing(too_deep) == (too_deep.rstrip().split("\n"), [])
     with pytest.raises(CodeReviewError, match=r"does not parse: it is nested too deeply to parse"):
         review_code(too_deep)
+
+
+def test_fedsite_admin_show_takes_full_and_the_demo_out_defaults_to_an_ignored_new_folder() -> None:
+    import re
+
+    from fedsite.cli import build_parser
+    from fedsite.demo import default_out
+
+    parser = build_parser()
+
+    assert parser.parse_args(["admin", "show", "abcdef12", "--full", "--data-dir", "d"]).full is True
+    assert parser.parse_args(["admin", "show", "abcdef12", "--data-dir", "d"]).full is False
+    assert parser.parse_args(["demo", "--quick"]).out is None
+    assert re.fullmatch(r"runs/demo-\d{8}T\d{6}Z", default_out().as_posix())  # /runs/ is in .gitignore
