@@ -144,11 +144,10 @@ class FederatedTrainer:
 
     def _postfix(self, record: RoundRecord | LostRound) -> dict[str, str]:
         """What the progress bar shows after a round: accuracy, epsilon, dropped sites, lost rounds."""
-        shown = {"epsilon": f"{max(record.epsilon_spent.values(), default=0.0):.2f}"}
-        if isinstance(record, RoundRecord):
-            shown["accuracy"] = f"{record.accuracy:.3f}"
-            if record.dropped:
-                shown["dropped"] = ",".join(record.dropped)
+        shown = {"accuracy": f"{record.accuracy:.3f}"} if isinstance(record, RoundRecord) else {}
+        shown["epsilon"] = f"{max(record.epsilon_spent.values(), default=0.0):.2f}"
+        if isinstance(record, RoundRecord) and record.dropped:
+            shown["dropped"] = ",".join(record.dropped)
         if self.report.lost_rounds:
             shown["lost"] = ",".join(str(lost.round_index) for lost in self.report.lost_rounds)
         return shown

@@ -9,6 +9,7 @@ stops answering, or refuses, at a chosen stage.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -31,6 +32,9 @@ from policies.secagg import (
 from policies.secagg.state import SiteRoundState
 from researcher.federation import RoundFailedError, SiteHandle, SiteRefusedError, run_round
 from researcher.lost_rounds import RoundLostError, lost_by_refusal
+from researcher.report import LostRound, RunReport
+from researcher.trainer import REPORT_FILE, FederatedTrainer, TrainerSettings
+from tests.conftest import IMDB_DIR
 from tests.unit.test_submission import make_raw_plan
 
 pytestmark = pytest.mark.unit
@@ -199,3 +203,18 @@ def test_a_new_session_of_a_released_round_reveals_a_lost_round() -> None:
 ])
 def test_other_refusals_reveal_no_lost_round(refusal: str) -> None:
     assert lost_by_refusal(refusal, 0, 0) is None
+
+
+def test_a_resumed_trainer_goes_on_after_a_lost_round_that_left_no_checkpoint(tmp_path: Path) -> None:
+    # Prepare: round 0 was lost (recorded in the report) and the researcher's process died before round 1
+    raw = make_raw_plan()
+    report = RunReport(run_id=raw["run_id"])
+    report.append_lost(LostRound(round_index=0, attempt=0, stage="mask_input", reason="too few", released=["site-a"]))
+    report.save_json(tmp_path / REPORT_FILE)
+    settings = TrainerSettings(run_dir=tmp_path, imdb_source=str(IMDB_DIR), test_size=8, progress=False)
+
+    # Execute
+    trainer = FederatedTrainer([], raw, settings)
+
+    # Assert: no checkpoint, so the model is the initial one; the run goes on with round 1
+    assert trainer.next_round == 1 and trainer.report.lost_rounds == report.lost_rounds
