@@ -35,7 +35,7 @@ from researcher.calibration import (
 from researcher.checkpoints import load_latest, restore_into, save_checkpoint
 from researcher.evaluation import load_test_subset
 from researcher.fedavg import apply_flat_delta, flatten_trainable
-from researcher.federation import SiteHandle, SiteRefusedError, run_round
+from researcher.federation import RoundOutcome, SiteHandle, SiteRefusedError, run_round
 from researcher.lost_rounds import RoundLostError, lost_by_refusal
 from researcher.models import build_from_spec
 from researcher.report import LostRound, RoundRecord, RunReport
@@ -152,20 +152,26 @@ class FederatedTrainer:
             shown["lost"] = ",".join(str(lost.round_index) for lost in self.report.lost_rounds)
         return shown
 
-    def run_one_round(self, round_index: int) -> RoundRecord | LostRound:
-        """Run one round and record it: completed (model updated, checkpointed) or lost (model unchanged)."""
+    def _secure_sum(self, round_index: int) -> RoundOutcome | LostRound:
+        """The round's secure sum over the sites, or the record of its loss after a release."""
         vector, _ = flatten_trainable(self.model)
         first_attempt = self._claim_attempts(round_index)
         try:
-            outcome = run_round(self.sites, self.plan, round_index, vector.astype(np.float32),
-                                max_attempts=self.settings.attempts_per_round, first_attempt=first_attempt)
+            return run_round(self.sites, self.plan, round_index, vector.astype(np.float32),
+                             max_attempts=self.settings.attempts_per_round, first_attempt=first_attempt)
         except RoundLostError as lost:
-            return self._record_lost(lost.record)
+            return lost.record
         except SiteRefusedError as refused:
             revealed = lost_by_refusal(str(refused), round_index, first_attempt)
             if revealed is None:
                 raise  # a site's policy says no, before any release: the run stops with its reason
-            return self._record_lost(revealed)
+            return revealed
+
+    def run_one_round(self, round_index: int) -> RoundRecord | LostRound:
+        """Run one round and record it: completed (model updated, checkpointed) or lost (model unchanged)."""
+        outcome = self._secure_sum(round_index)
+        if isinstance(outcome, LostRound):
+            return self._record_lost(outcome)
         apply_flat_delta(self.model, self.layout, outcome.average.astype(np.float32), scale=self.settings.server_lr)
         started = time.perf_counter()
         dp = self.plan.dp
