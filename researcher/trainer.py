@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from models import build_from_spec
 from policies.durable import read_json, write_json_atomic
 from policies.federated_plan import FederatedPlan
 from researcher.calibration import (
@@ -37,7 +38,6 @@ from researcher.evaluation import load_test_subset
 from researcher.fedavg import apply_flat_delta, flatten_trainable
 from researcher.federation import RoundOutcome, SiteHandle, SiteRefusedError, run_round
 from researcher.lost_rounds import RoundLostError, lost_by_refusal
-from researcher.models import build_from_spec
 from researcher.report import LostRound, RoundRecord, RunReport
 
 logger = logging.getLogger("fedsite.researcher")

@@ -20,6 +20,7 @@ from datasites.admin import add_researcher, connect_admin, pin_each_other, uploa
 from datasites.partition import partition_indices
 from datasites.review_queue import approve_request, list_requests
 from datasites.sitedir import SiteDir
+from models import build_from_spec
 from policies.audit import AuditLog
 from policies.budget import PrivacyBudget
 from policies.ledger import PrivacyLedger
@@ -27,11 +28,11 @@ from policies.submission import function_name
 from policies.syft_client import login
 from researcher.fedavg import flatten_trainable
 from researcher.federation import FederatedRound, SiteHandle, make_plan, submit
-from researcher.models import build_from_spec
 from researcher.report import LostRound, RunReport
 from researcher.trainer import FederatedTrainer, TrainerSettings
 from tests.conftest import ADMIN_PASSWORD, IMDB_DIR, RESEARCHER_PASSWORD
 from tests.e2e.conftest import ServedSite, free_port
+from tests.e2e.kill import kill9
 
 pytestmark = pytest.mark.e2e
 
@@ -66,7 +67,7 @@ def served(tmp_path: Path) -> Iterator[dict[str, ServedSite]]:
         yield sites
     finally:
         for site in sites.values():
-            site.kill9()
+            kill9(site)
 
 
 def _wait_until_masked(site: ServedSite, run_id: str, round_index: int) -> None:
@@ -88,7 +89,7 @@ def _kill_before_its_masked_input(monkeypatch: pytest.MonkeyPatch, served: dict[
     def call(self: FederatedRound, site: SiteHandle, stage: str, extra: Any) -> dict[str, Any] | None:
         if (self.round_index, stage, site.name) == (round_index, "mask_input", "site-b"):
             _wait_until_masked(served["site-a"], run_id, round_index)
-            served["site-b"].kill9()
+            kill9(served["site-b"])
         return original(self, site, stage, extra)
 
     monkeypatch.setattr(FederatedRound, "_call", call)

@@ -22,6 +22,7 @@ from datasites.admin import add_researcher, pin_each_other, upload_partition
 from datasites.partition import partition_indices
 from datasites.review_queue import approve_request, list_requests
 from datasites.server import InProcessSite, launch_in_process
+from models import build_from_spec
 from policies.budget import PrivacyBudget
 from policies.federated_plan import FederatedPlan
 from policies.ledger import PrivacyLedger
@@ -31,7 +32,6 @@ from policies.site_runtime import encode_vector
 from researcher.checkpoints import load_latest
 from researcher.fedavg import flatten_trainable
 from researcher.federation import FederatedRound, SiteHandle, make_plan, submit
-from researcher.models import build_from_spec
 from researcher.report import LostRound, RunReport
 from researcher.trainer import FederatedTrainer, TrainerSettings
 from tests.conftest import ADMIN_PASSWORD, IMDB_DIR, RESEARCHER_PASSWORD
