@@ -28,7 +28,7 @@ from typing import Any
 MAX_INLINE_NUMBERS = 8  # a literal of more numbers than this is summarised
 DIGEST_HEX = 16
 
-# Where the plan's known long vectors come from (researcher.models.with_public_start). The plan does not
+# Where the plan's known long vectors come from (the public-start recipe, models.with_public_start). The plan does not
 # record the public texts themselves, nor their digest: the admin is told so.
 _ORIGINS = {
     "plan['model']['centre']": "the mean-pooled embedding of the researcher's public texts (with_public_start)",
