@@ -21,6 +21,7 @@ from datasites.request_ids import request_prefix, resolve_request_id
 from datasites.sitedir import SiteDir
 from policies.approvals import Approval, ApprovalRegistry
 from policies.audit import AuditLog, RequestApproved, RequestDenied
+from policies.contracts import DryRun, Refused
 from policies.dp import CalibratedPlan, DPPlan, DPPlanError, calibrate_plan
 from policies.federated_plan import FederatedPlan, FederatedPlanError
 from policies.fingerprint import UnknownDatasetError, read_dataset_facts
@@ -57,7 +58,7 @@ class ReviewReport:
     calibrated: CalibratedPlan | None
     budget_epsilon: float | None
     spent_epsilon: float | None
-    dry_run: dict[str, Any] | None
+    dry_run: DryRun | None
     problems: tuple[str, ...] = field(default=())
     roster: tuple[RosterEntryStatus, ...] = field(default=())  # every roster entry: key fingerprint, pin status
     warnings: tuple[str, ...] = field(default=())  # shown as WARNING lines; they do not block approval
@@ -91,7 +92,9 @@ class ReviewReport:
                          f"{self.calibrated.run_epsilon:.3f}; spent so far {self.spent_epsilon:.3f}; projected "
                          f"{self.calibrated.projected_epsilon:.3f} of budget {self.budget_epsilon:g}")
         if self.dry_run is not None:
-            lines.append(f"dry run on the mock twin: {self.dry_run}")
+            dry = self.dry_run
+            lines.append(f"dry run on the mock twin: the model built with {dry.trainable_parameters:,} trainable "
+                         f"parameters; one noisy step on {dry.mock_rows} rows, loss {dry.mock_loss:g}, {dry.seconds:g} s")
         if self.mock_twin is not None:
             lines.append(f"mock twin: {self.mock_twin}")
         lines.append("")
@@ -221,10 +224,10 @@ def _asset(client: Any, dataset: str) -> Any | None:
 
 
 def _dry_run(mock: Any, site: SiteDir, raw: str, summary: RequestSummary, plan: FederatedPlan,
-             calibrated: CalibratedPlan | None, problems: list[str]) -> dict[str, Any] | None:
+             calibrated: CalibratedPlan | None, problems: list[str]) -> DryRun | None:
     """Run the exact submitted function on the mock twin, in this process, spending nothing."""
     provisional = Approval(request_id=summary.request_id, code_hash=code_hash(raw), researcher=summary.researcher,
-                           researcher_email=summary.researcher_email, dataset=plan.dataset, plan=dict(plan.raw), calibrated=calibrated.to_dict() if calibrated else {},
+                           researcher_email=summary.researcher_email, dataset=plan.dataset, plan=plan.to_dict(), calibrated=calibrated.derived() if calibrated else {},
                            admin="review", approved_at=datetime.now(UTC).isoformat())
     try:
         result = dry_run(raw, mock, site=site.meta().name, researcher=summary.researcher, approval=provisional)
@@ -232,8 +235,11 @@ def _dry_run(mock: Any, site: SiteDir, raw: str, summary: RequestSummary, plan: 
         problems.append(f"dry run: the code failed on the mock twin with {type(exc).__name__}: "
                         f"{printable(str(exc))[:300]}")
         return None
-    if "refused" in result:
-        problems.append(f"dry run: {result['refused']}")
+    if isinstance(result, Refused):
+        problems.append(f"dry run: {result.reason}")
+        return None
+    if not isinstance(result, DryRun):
+        problems.append(f"dry run: the code answered {type(result).__name__}, not a dry run")
         return None
     return result
 
@@ -249,7 +255,7 @@ def approve_request(client: Any, site: SiteDir, request_id: str, *, admin: str) 
     approval = Approval(request_id=report.summary.request_id, code_hash=code_hash(report.code),
                         researcher=report.summary.researcher, researcher_email=report.summary.researcher_email,
                         dataset=report.plan.dataset,
-                        plan=dict(report.plan.raw), calibrated=report.calibrated.to_dict(), admin=admin,
+                        plan=report.plan.to_dict(), calibrated=report.calibrated.derived(), admin=admin,
                         approved_at=datetime.now(UTC).isoformat())
     ApprovalRegistry(site.path).record(approval)
     AuditLog(site.path).record(RequestApproved(request_id=approval.request_id, code_hash=approval.code_hash,

@@ -173,7 +173,7 @@ def review_and_approve(sites: list[DemoSite]) -> None:
 def same_request(report: ReviewReport, first: ReviewReport) -> bool:
     """The same code (hash of the exact source) and the same plan as ``first``."""
     return (report.code_review.code_sha256 == first.code_review.code_sha256 and report.plan is not None
-            and first.plan is not None and report.plan.raw == first.plan.raw)
+            and first.plan is not None and report.plan == first.plan)
 
 
 def _site_line(report: ReviewReport) -> str:
@@ -222,7 +222,7 @@ def run_demo(args: argparse.Namespace) -> None:
         model, _ = build_from_spec(spec)
         vector_length = len(flatten_trainable(model)[0])
         plan = make_plan(sites=[s.researcher for s in sites], model=spec, dp=size.dp, vector_length=vector_length)
-        say(f"2. The researcher submits run {plan['run_id']} ({vector_length} trainable parameters) to every site")
+        say(f"2. The researcher submits run {plan.run_id} ({vector_length} trainable parameters) to every site")
         for site in sites:
             submit(site.researcher, plan, out / "researcher" / "functions")
         say("3. Each admin reviews the request")
@@ -231,7 +231,7 @@ def run_demo(args: argparse.Namespace) -> None:
         # After each round the researcher shifts the classifier's bias so that half of the same public
         # reviews are predicted positive (IMDB's prior): DP noise moves the threshold, not the ranking.
         trainer = FederatedTrainer([s.researcher for s in sites], plan, TrainerSettings(
-            run_dir=out / "researcher" / plan["run_id"], imdb_source=imdb, test_size=size.test_size,
+            run_dir=out / "researcher" / plan.run_id, imdb_source=imdb, test_size=size.test_size,
             calibration_texts=tuple(public)))
         report = trainer.run()
         final = report.rounds[-1]

@@ -96,6 +96,11 @@ class TrainableSet:
                     f"lora_targets contains {target!r}, which is not a supported layer: choose from {LORA_TARGETS}"
                 )
 
+    def to_dict(self) -> dict[str, Any]:
+        """The canonical JSON of this set (every field; ``parse`` reads it back to an equal set)."""
+        return {"kind": self.kind, "top_k": self.top_k, "lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha,
+                "lora_dropout": self.lora_dropout, "lora_targets": list(self.lora_targets)}
+
     @staticmethod
     def parse(raw: object, *, where: str = "trainable") -> TrainableSet:
         """A trainable set from JSON (``lora_targets`` a list); unknown keys are refused."""
@@ -132,6 +137,20 @@ class ModelSpec:
     centre: tuple[float, ...] | None = None  # subtracted from the mean-pooled embedding (models.public_centre)
     head_init: Mapping[str, Any] | None = None  # the classifier's initial weight and bias (models.prompt_head)
     dropout: float | None = None  # every dropout probability of the model; None keeps the checkpoint's
+
+    def to_dict(self) -> dict[str, Any]:
+        """The canonical JSON of this spec: every field, an optional one only when set; ``parse`` reads it back
+        to an equal spec."""
+        raw: dict[str, Any] = {"name": self.name} if self.name is not None else {"tiny": dict(self.tiny or {})}
+        raw.update(trainable=self.trainable.to_dict(), seed=self.seed, pooling=self.pooling)
+        if self.centre is not None:
+            raw["centre"] = list(self.centre)
+        if self.head_init is not None:
+            raw["head_init"] = {"weight": [list(row) for row in self.head_init["weight"]],
+                                "bias": list(self.head_init["bias"])}
+        if self.dropout is not None:
+            raw["dropout"] = self.dropout
+        return raw
 
     @staticmethod
     def parse(raw: object, *, where: str = "plan['model']") -> ModelSpec:

@@ -31,7 +31,10 @@ class ExecutionRefusedError(PermissionError):
 
 
 def plan_digest(plan: Mapping[str, Any]) -> str:
-    """SHA-256 of the plan's canonical JSON: what the admin approved is exactly what runs."""
+    """SHA-256 of the plan's canonical JSON: what the admin approved is exactly what runs.
+
+    An approval stores ``FederatedPlan.to_dict()``, so this equals the typed plan's ``digest()``.
+    """
     return sha256_hex(canonical_json(dict(plan)))
 
 
@@ -45,7 +48,7 @@ class Approval:
     researcher_email: str  # the researcher's e-mail when the admin approved (shown beside the id, never a key)
     dataset: str  # the only dataset this code may read
     plan: Mapping[str, Any] = field(hash=False)  # the approved federated plan (JSON, policies.federated_plan)
-    calibrated: Mapping[str, Any] = field(hash=False)  # policies.dp.CalibratedPlan fixed at approval (JSON)
+    calibrated: Mapping[str, Any] = field(hash=False)  # policies.dp.CalibratedPlan.derived(): its numbers, not its plan
     admin: str  # who approved
     approved_at: str  # UTC ISO time
 

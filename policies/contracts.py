@@ -136,11 +136,18 @@ def _number(raw: Mapping[str, Any], key: str) -> float:
     return float(value)
 
 
+_REPLY_KEYS = {"message": {"reply", "message", "epsilon_spent"}, "refused": {"reply", "refused"}, "mock": {"reply"},
+               "dry_run": {"reply", "trainable_parameters", "mock_rows", "mock_loss", "seconds"}}
+
+
 def reply_from_wire(raw: object) -> StageReply:
     """The typed reply of a stage call; anything else is a ContractError naming what is wrong."""
     if not isinstance(raw, Mapping):
         raise ContractError(f"a stage reply must be a mapping, got {type(raw).__name__}")
     kind = raw.get("reply")
+    extra = set(raw) - _REPLY_KEYS.get(str(kind), set(raw))
+    if extra:
+        raise ContractError(f"a {kind} reply has unknown fields {sorted(extra)}")
     if kind == "message":
         message = raw.get("message")
         if not isinstance(message, Mapping):

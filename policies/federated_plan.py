@@ -1,9 +1,13 @@
 """The plan of one federated run: what a researcher asks every site to run, and what each admin approves.
 
-It is plain JSON, written as a literal into the submitted function (so the code hash covers it) and
-validated here in full, by the researcher before submitting and by the site at review and at
-every execution. Both sides use this one parser, so they cannot disagree about a field. The model
-field's schema is ``models.spec.ModelSpec`` (the site-installed ``models`` package), parsed from here.
+``FederatedPlan`` is frozen and typed: the researcher's ``make_plan`` returns one, ``to_dict()`` writes
+its canonical JSON, which goes as a literal into the submitted function (so the code hash covers it),
+and ``FederatedPlan.parse`` reads JSON back to an equal plan, validated in full. A site parses the
+literal once per call (review, approval, each stage of each round) and works with the typed plan from
+then on; the values derived from it for a partition (``policies.dp.CalibratedPlan``: sample rate, noise
+multiplier, epsilon per round) are fixed at approval and stored with it. Both sides use this one parser,
+so they cannot disagree about a field. The model field's schema is ``models.spec.ModelSpec`` (the
+site-installed ``models`` package).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 
 from models.spec import ModelConfigError, ModelSpec
 from policies.dp import DPPlan, DPPlanError
+from policies.durable import canonical_json, sha256_hex
 from policies.secagg import Roster, RoundContext, SecAggError, SecureSumConfig
 
 PLAN_FORMAT = 1
@@ -47,10 +52,22 @@ class FederatedPlan:
     dp: DPPlan  # the DP-SGD plan of every site (rounds, local steps, batch, clip, target epsilon, delta)
     secure_sum: SecureSumConfig  # the secure-sum parameters (vector_length = trainable parameters)
     roster: Roster  # the sites, in order, with their admin-pinned Ed25519 identity keys
-    raw: Mapping[str, Any]  # the JSON it was parsed from (hashed into the approval)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The canonical JSON of the plan (every field written out); ``parse`` reads it back to an equal plan."""
+        return {"format": PLAN_FORMAT, "run_id": self.run_id, "dataset": self.dataset, "model": self.model.to_dict(),
+                "dp": self.dp.to_dict(), "secure_sum": self.secure_sum.to_wire(),
+                "roster": [[entry.site_id, entry.identity_key.hex()] for entry in self.roster.entries]}
+
+    def digest(self) -> str:
+        """SHA-256 of the canonical JSON: what an admin approves, compared at every call."""
+        return sha256_hex(canonical_json(self.to_dict()))
 
     @staticmethod
     def parse(raw: object) -> FederatedPlan:
+        """Validate JSON (e.g. a submitted literal, or ``to_dict()``) into a plan; a plan is returned as it is."""
+        if isinstance(raw, FederatedPlan):
+            return raw
         if not isinstance(raw, Mapping):
             raise FederatedPlanError(f"a federated plan must be a mapping, got {type(raw).__name__}")
         if raw.get("format") != PLAN_FORMAT:
@@ -80,8 +97,7 @@ class FederatedPlan:
             model = ModelSpec.parse(raw.get("model"), where="plan['model']")
         except ModelConfigError as exc:
             raise FederatedPlanError(str(exc)) from exc
-        return FederatedPlan(run_id=run_id, dataset=dataset, model=model, dp=dp, secure_sum=secure_sum, roster=roster,
-                             raw=raw)
+        return FederatedPlan(run_id=run_id, dataset=dataset, model=model, dp=dp, secure_sum=secure_sum, roster=roster)
 
     def session_id(self, round_index: int, attempt: int) -> str:
         """The secure-sum session of one attempt at one round; fixed by the plan, not by the researcher."""

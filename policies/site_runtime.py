@@ -14,12 +14,11 @@ Figure 4) for one attempt at one round; the site's half of the protocol state li
 ``<data-dir>/runs/<run-id>/`` between calls, so a restart of the site loses nothing.
 
 syft runs each call twice, on the private partition and on the mock (docs/syft.md); the mock run
-is recognised by the partition fingerprint and returns ``{"mock": True}`` without touching state.
+is recognised by the partition fingerprint and answers ``MockRun`` without touching state.
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import fcntl
 import hashlib
@@ -34,8 +33,20 @@ import numpy as np
 import torch
 
 from models import encode_texts
-from policies.approvals import ExecutionContext, current_execution, plan_digest
+from policies.approvals import ExecutionContext, current_execution
 from policies.audit import AuditLog, ExecutionAuthorised, ExecutionRefused, OutputReleased, PrivacySpent
+from policies.contracts import (
+    ContractError,
+    DryRun,
+    MockRun,
+    Refused,
+    Stage,
+    StageMessage,
+    StageReply,
+    decode_vector,
+    refusal,
+    reply_to_wire,
+)
 from policies.dp import CalibratedPlan, DPPlanError, local_dp_round, train_dp_sgd, trainable_parameters
 from policies.durable import JournalCorruptError, private_dirs, site_journal
 from policies.federated_plan import FederatedPlan, FederatedPlanError
@@ -66,7 +77,7 @@ from policies.secagg import (
 timing_log = logging.getLogger("fedsite.site.timing")
 site_log = logging.getLogger("fedsite.site")
 MAX_WEIGHT = 1e4  # the largest magnitude a global model's value may have
-STAGES = ("advertise_keys", "share_keys", "mask_input", "consistency_check", "unmask")
+STAGES = tuple(stage.value for stage in Stage)
 ModelBuilder = Callable[[], tuple[torch.nn.Module, Any]]
 
 
@@ -76,21 +87,27 @@ class SiteRefusal(Exception):
 
 def run_stage(data: Any, *, stage: str, message: Mapping[str, Any], plan: Mapping[str, Any],
               make_model: ModelBuilder) -> dict[str, Any]:
-    """Run one secure-sum stage of one round at this site; returns a wire message or a refusal."""
+    """Run one secure-sum stage of one round at this site; returns a ``StageReply`` in its wire form."""
+    return reply_to_wire(_run_stage(data, stage=stage, message=message, plan=plan, make_model=make_model))
+
+
+def _run_stage(data: Any, *, stage: str, message: Mapping[str, Any], plan: Mapping[str, Any],
+               make_model: ModelBuilder) -> StageReply:
     execution = current_execution()
     texts, labels = _columns(data)
     if execution.dry_run:
         return dry_run(texts, labels, plan=FederatedPlan.parse(plan), make_model=make_model)
     facts = read_dataset_facts(execution.data_dir, execution.approval.dataset)
     if partition_fingerprint(texts, labels) != facts["fingerprint"]:
-        return {"mock": True}  # syft's second run, on the mock twin: nothing to do, nothing spent
+        return MockRun()  # syft's second run, on the mock twin: nothing to do, nothing spent
     round_index: int | None = None
     try:
-        if plan_digest(plan) != execution.approval.plan_digest:
+        parsed = FederatedPlan.parse(plan)  # once per call; everything below works with the typed plan
+        if parsed.digest() != execution.approval.plan_digest:
             raise SiteRefusal("the plan differs from the approved plan: submit the changed plan for review")
-        run = SiteRun(execution, FederatedPlan.parse(plan), make_model, private_fingerprint=facts["fingerprint"])
-        round_index, attempt = _round_and_attempt(message, run.plan)
-        return run.stage(stage, round_index, attempt, message, texts, labels)
+        run = SiteRun(execution, parsed, make_model, private_fingerprint=facts["fingerprint"])
+        round_index, attempt = _round_and_attempt(message, parsed)
+        return run.stage(_stage(stage), round_index, attempt, message, texts, labels)
     except (SiteRefusal, SecAggError, BudgetExceededError, DPPlanError, FederatedPlanError, PeerPinError) as exc:
         text = str(exc)  # it may quote the researcher's message: escaped and cut before it is logged or sent
         reason = printable(f"{execution.site}: {text if len(text) <= 500 else text[:500] + '... (cut)'}")
@@ -101,17 +118,24 @@ def run_stage(data: Any, *, stage: str, message: Mapping[str, Any], plan: Mappin
             request_id=execution.approval.request_id, code_hash=execution.approval.code_hash,
             researcher=execution.researcher, researcher_email=execution.researcher_email,
             dataset=execution.approval.dataset, round=round_index, reason=reason))
-        return {"refused": told}
+        return Refused(told)
     except JournalCorruptError as exc:
         # A ledger, the sessions journal or the audit log failed verification (cut off, rolled back, edited):
         # nothing is spent or released until the admin restores it. The details are the admin's.
         site_log.error("%s: refused a round: a journal failed verification: %s", execution.site, exc)
-        return {"refused": f"{execution.site}: refused: the site's records failed verification; its admin must "
-                           "restore them before any round runs here"}
+        return Refused(refusal(execution.site, "the site's records failed verification; its admin must restore "
+                                               "them before any round runs here"))
+
+
+def _stage(name: str) -> Stage:
+    try:
+        return Stage.parse(name)
+    except ContractError as exc:
+        raise SiteRefusal(str(exc)) from None
 
 
 def dry_run(texts: list[str], labels: list[int], *, plan: FederatedPlan, make_model: ModelBuilder,
-            rows: int = 64) -> dict[str, Any]:
+            rows: int = 64) -> DryRun:
     """The admin's review on the mock twin: build the model, check its size, take one noisy step.
 
     Runs on mock data only (the review passes the mock; the guard never sets ``dry_run``) and spends
@@ -134,8 +158,8 @@ def dry_run(texts: list[str], labels: list[int], *, plan: FederatedPlan, make_mo
     mock = encode_texts(tokenizer, texts[:n], labels[:n], max_length=step_plan.max_length,
                         tail_tokens=step_plan.tail_tokens)
     loss, _ = train_dp_sgd(model, mock, plan=calibrated, device=torch.device("cpu"))
-    return {"dry_run": True, "trainable_parameters": trainable, "mock_rows": n, "mock_loss": round(loss, 4),
-            "seconds": round(time.perf_counter() - started, 2)}
+    return DryRun(trainable_parameters=trainable, mock_rows=n, mock_loss=round(loss, 4),
+                  seconds=round(time.perf_counter() - started, 2))
 
 
 def _columns(data: Any) -> tuple[list[str], list[int]]:
@@ -161,24 +185,16 @@ def _round_and_attempt(message: Mapping[str, Any], plan: FederatedPlan) -> tuple
     return round_index, attempt
 
 
-def decode_vector(encoded: object, length: int) -> np.ndarray:
-    """A float32 vector sent as base64 of its little-endian bytes; exact length checked."""
-    if not isinstance(encoded, str):
-        raise SiteRefusal(f"the global model must be a base64 str, got {type(encoded).__name__}")
-    raw = base64.b64decode(encoded.encode("ascii"), validate=True)
-    if len(raw) != 4 * length:
-        raise SiteRefusal(f"the global model has {len(raw) // 4} values, the plan has {length} trainable parameters")
-    vector = np.frombuffer(raw, dtype="<f4")
-    if not np.isfinite(vector).all():
-        raise SiteRefusal("the global model contains NaN or infinite values")
+def decode_global_model(encoded: object, length: int) -> np.ndarray:
+    """The global model sent with ``mask_input`` (``policies.contracts`` codec), its values bounded."""
+    try:
+        vector = decode_vector(encoded, length)
+    except ContractError as exc:
+        raise SiteRefusal(f"the global model: {exc}") from None
     if np.abs(vector).max(initial=0.0) > MAX_WEIGHT:
         # No trained weight comes near this; weights near float32's limit can make one chosen review overflow.
         raise SiteRefusal(f"the global model has a value beyond +-{MAX_WEIGHT:g}: no trained weight is that large")
     return vector
-
-
-def encode_vector(vector: np.ndarray) -> str:
-    return base64.b64encode(np.ascontiguousarray(vector, dtype="<f4").tobytes()).decode("ascii")
 
 
 def load_trainable(model: torch.nn.Module, vector: np.ndarray) -> None:
@@ -211,32 +227,31 @@ class SiteRun:
         self.sessions = site_journal(execution.data_dir, relative / "sessions.jsonl")
         self.ledger = PrivacyLedger(execution.data_dir, plan.dataset, execution.researcher, site=execution.site,
                                     accountant=plan.dp.accountant)
-        self.calibrated = CalibratedPlan.from_dict(execution.approval.calibrated)
+        # fixed at approval (sample rate, noise multiplier, the run's epsilon), reused by every call
+        self.calibrated = CalibratedPlan.from_derived(execution.approval.calibrated, plan=plan.dp)
         self.audit = AuditLog(execution.data_dir)
 
-    def stage(self, stage: str, round_index: int, attempt: int, message: Mapping[str, Any],
-              texts: list[str], labels: list[int]) -> dict[str, Any]:
-        if stage not in STAGES:
-            raise SiteRefusal(f"unknown stage {stage!r}: one of {', '.join(STAGES)}")
+    def stage(self, stage: Stage, round_index: int, attempt: int, message: Mapping[str, Any],
+              texts: list[str], labels: list[int]) -> StageMessage:
         self._check_roster_pinned()  # at every stage: a pin the admin removed mid-run stops the run here
         approval = self.execution.approval
         self.audit.record(ExecutionAuthorised(request_id=approval.request_id, code_hash=approval.code_hash,
                                               researcher=self.execution.researcher,
                                               researcher_email=self.execution.researcher_email,
                                               dataset=approval.dataset, round=round_index))
-        if stage == "advertise_keys":
+        if stage is Stage.ADVERTISE_KEYS:
             return self._advertise(round_index, attempt)
         state_path = self._state_path(round_index, attempt)
         if not state_path.exists():
             raise SiteRefusal(f"no secure-sum session for round {round_index} attempt {attempt} here: "
                               "start it with advertise_keys")
         state = load_round_state(state_path)
-        if stage == "share_keys":
+        if stage is Stage.SHARE_KEYS:
             state, reply = share_keys(state, RoundKeys.from_wire(message.get("round_keys")))
             return self._persist(state_path, state, reply.to_wire())
-        if stage == "mask_input":
+        if stage is Stage.MASK_INPUT:
             return self._mask_input(state_path, state, round_index, attempt, message, texts, labels)
-        if stage == "consistency_check":
+        if stage is Stage.CONSISTENCY_CHECK:
             state, signature = consistency_check(state, Survivors.from_wire(message.get("survivors")),
                                                  identity_key=load_identity_key(self.execution.data_dir))
             return self._persist(state_path, state, signature.to_wire())
@@ -244,7 +259,7 @@ class SiteRun:
         return self._persist(state_path, state, shares.to_wire())
 
     # ---- stages -------------------------------------------------------------------------------
-    def _advertise(self, round_index: int, attempt: int) -> dict[str, Any]:
+    def _advertise(self, round_index: int, attempt: int) -> StageMessage:
         """Round 0, with the site's freshness and budget checks before any key is made."""
         self._check_fresh_round(round_index)
         session_id = self.plan.session_id(round_index, attempt)
@@ -258,7 +273,7 @@ class SiteRun:
         return self._persist(self._state_path(round_index, attempt), state, advert.to_wire())
 
     def _mask_input(self, state_path: Path, state: SiteRoundState, round_index: int, attempt: int,
-                    message: Mapping[str, Any], texts: list[str], labels: list[int]) -> dict[str, Any]:
+                    message: Mapping[str, Any], texts: list[str], labels: list[int]) -> StageMessage:
         """Round 2: DP-SGD on the private partition, ledger spend, then the masked update.
 
         Everything from the freshness check to the release runs under the round's lock, so of two
@@ -268,7 +283,7 @@ class SiteRun:
         incoming = IncomingShares.from_wire(message.get("incoming"))
         if incoming.recipient != self.execution.site:
             raise SiteRefusal(f"the forwarded shares are for {incoming.recipient!r}, not this site")
-        global_vector = decode_vector(message.get("global_model"), self.plan.secure_sum.vector_length)
+        global_vector = decode_global_model(message.get("global_model"), self.plan.secure_sum.vector_length)
         check_incoming_shares(state, incoming)  # before training: bad shares must not cost a round of budget
         with self._round_lock(round_index):
             self._check_fresh_round(round_index)
@@ -289,8 +304,8 @@ class SiteRun:
                             round_index, attempt, trained - started, time.perf_counter() - trained)
         # The researcher's own cumulative spend here. It depends on the sampling rate, so a little on the
         # partition's size: two decimals are what a researcher needs, and no more is said.
-        reply["epsilon_spent"] = round(float(result.ledger_record.epsilon_after), 2) if result.ledger_record else 0.0
-        return reply
+        spent = round(float(result.ledger_record.epsilon_after), 2) if result.ledger_record else 0.0
+        return dataclasses.replace(reply, epsilon_spent=spent)
 
     @contextmanager
     def _round_lock(self, round_index: int) -> Iterator[None]:
@@ -334,10 +349,10 @@ class SiteRun:
     def _state_path(self, round_index: int, attempt: int) -> Path:
         return self.directory / f"round-{round_index}-attempt-{attempt}.state"
 
-    def _persist(self, path: Path, state: SiteRoundState, wire: dict[str, Any]) -> dict[str, Any]:
+    def _persist(self, path: Path, state: SiteRoundState, wire: dict[str, Any]) -> StageMessage:
         """Save the new state before its message leaves (a crash after this loses nothing)."""
         save_round_state(path, state)
-        return {"message": wire}
+        return StageMessage(message=wire)
 
     def _audit_spend_and_release(self, round_index: int, record: Any, vector: bytes) -> None:
         approval = self.execution.approval
@@ -351,4 +366,4 @@ class SiteRun:
                                          round=round_index))
 
 
-__all__ = ["STAGES", "SiteRefusal", "decode_vector", "encode_vector", "load_trainable", "run_stage"]
+__all__ = ["STAGES", "SiteRefusal", "decode_global_model", "load_trainable", "run_stage"]

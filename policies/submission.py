@@ -21,9 +21,13 @@ import tempfile
 import textwrap
 import time
 import tokenize
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from policies.contracts import StageReply, reply_from_wire
+
+if TYPE_CHECKING:  # the plan's parser loads torch; a site preloads it with the runtime, not with this module
+    from policies.federated_plan import FederatedPlan
 
 ROUND_FUNCTION_TEMPLATE = '''\
 def {name}(data, stage, message):
@@ -46,10 +50,15 @@ def function_name(run_id: str) -> str:
     return "fedsite_" + run_id.replace("-", "_")
 
 
-def render_round_function(plan: Mapping[str, Any]) -> str:
-    """The source of the function to submit for ``plan`` (a dict of JSON values)."""
-    literal = textwrap.indent(pprint.pformat(dict(plan), width=96, sort_dicts=True), " " * 11).lstrip()
-    return ROUND_FUNCTION_TEMPLATE.format(name=function_name(str(plan["run_id"])), plan=literal)
+def render_round_function(plan: FederatedPlan) -> str:
+    """The source of the function to submit for ``plan``: its canonical JSON as the literal."""
+    return render_literal(plan.to_dict())
+
+
+def render_literal(raw: Mapping[str, Any]) -> str:
+    """The template around any JSON literal with a ``run_id`` (what a site's review must judge, valid or not)."""
+    literal = textwrap.indent(pprint.pformat(dict(raw), width=96, sort_dicts=True), " " * 11).lstrip()
+    return ROUND_FUNCTION_TEMPLATE.format(name=function_name(str(raw["run_id"])), plan=literal)
 
 
 def _runtime_imports() -> list[ast.ImportFrom]:
@@ -151,7 +160,7 @@ def canonical_plan(source: str) -> dict[str, Any]:
     return plan
 
 
-def dry_run(source: str, data: Any, *, site: str, researcher: str, approval: Any) -> dict[str, Any]:
+def dry_run(source: str, data: Any, *, site: str, researcher: str, approval: Any) -> StageReply:
     """Run a canonical round function's source on mock ``data`` in a dry-run context; spends nothing.
 
     Used by the admin's review (on the site's mock twin) and by the researcher before submitting (on
@@ -171,4 +180,4 @@ def dry_run(source: str, data: Any, *, site: str, researcher: str, approval: Any
                                      researcher_email=approval.researcher_email, dry_run=True)
         with authorised(execution):
             result = namespace[function_name(plan["run_id"])](data=data, stage="dry_run", message={})
-    return dict(result)
+    return reply_from_wire(result)

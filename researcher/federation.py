@@ -18,7 +18,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import re
-import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,8 +29,20 @@ from typing import Any
 import numpy as np
 
 from policies.approvals import Approval
-from policies.dp import DPPlan, DPPlanError
-from policies.federated_plan import PLAN_FORMAT, FederatedPlan
+from policies.contracts import (
+    ASSET,
+    INPUT_POLICY,
+    OUTPUT_POLICY,
+    ContractError,
+    DryRun,
+    Refused,
+    Stage,
+    StageMessage,
+    encode_vector,
+    find_refusal,
+    reply_from_wire,
+)
+from policies.federated_plan import FederatedPlan
 from policies.review import code_hash
 from policies.secagg import (
     AdvertiseKeys,
@@ -42,16 +53,14 @@ from policies.secagg import (
     SurvivorSignature,
     UnmaskShares,
 )
-from policies.site_runtime import encode_vector
 from policies.submission import SubmissionError, dry_run, function_name, render_round_function
 from policies.syft_client import quiet
 from researcher.lost_rounds import RoundLostError
+from researcher.planning import make_plan as make_plan  # re-exported: planning and submitting go together
+from researcher.planning import new_run_id as new_run_id
+from researcher.planning import update_clip as update_clip
 from researcher.report import LostRound
 
-ASSET = "reviews"
-# How datasites.guard words a refusal ("site-a: refused: code ... has no Fedsite approval ..."); a
-# connection failure ("Connection refused") does not match, so a dead site still counts as dropped.
-_GUARD_REFUSAL = re.compile(r"[a-z0-9][a-z0-9-]*: refused: .*")
 # What syft 0.9.5 tells a caller below the data-owner role when a service raises anything but a refusal
 _HIDDEN_SERVER_ERROR = re.compile(r"Something unexpected happened server side <class '([^']+)'>")
 
@@ -100,64 +109,10 @@ class SiteHandle:
         self._asset = None
 
 
-def new_run_id() -> str:
-    return "run-" + secrets.token_hex(6)
-
-
-def update_clip(dp: DPPlan) -> float:
-    """A per-coordinate bound on one round's update: ``learning_rate * local_steps`` (times ``clip_norm`` for SGD).
-
-    An AdamW step moves each parameter by about ``learning_rate`` at most (the ratio of the bias-corrected
-    moments stays near 1 in magnitude); an SGD step by ``learning_rate`` times the clipped mean gradient,
-    whose coordinates are at most ``clip_norm``, plus noise. Clamping is post-processing of the DP output,
-    so a tight range costs no privacy; it only keeps quantisation fine (24 bits over ``[-clip, clip]``).
-    """
-    per_step = dp.learning_rate if dp.optimizer == "adamw" else dp.learning_rate * dp.clip_norm
-    return float(per_step * dp.local_steps)
-
-
-def make_plan(
-    *,
-    sites: Sequence[SiteHandle],
-    model: Mapping[str, Any],
-    dp: Mapping[str, Any],
-    vector_length: int,
-    threshold: int | None = None,
-    clip: float | None = None,
-    quantisation_bits: int = 24,
-    dataset: str = "imdb",
-    run_id: str | None = None,
-) -> dict[str, Any]:
-    """A plan (JSON) for ``sites``, validated by the same parser the sites use.
-
-    ``clip`` is the secure sum's per-coordinate range for one site's update; by default the most one
-    round of local steps can move a parameter (``update_clip``), so the clamp rarely bites.
-    """
-    if clip is None:
-        try:
-            clip = update_clip(DPPlan.from_dict(dict(dp)))
-        except DPPlanError:
-            clip = 1.0  # a placeholder: FederatedPlan.parse below refuses the plan and names the bad field
-
-    raw = {
-        "format": PLAN_FORMAT,
-        "run_id": run_id or new_run_id(),
-        "dataset": dataset,
-        "model": dict(model),
-        "dp": dict(dp),
-        "secure_sum": {"vector_length": vector_length, "clip": float(clip), "quantisation_bits": quantisation_bits,
-                       "threshold": threshold if threshold is not None else len(sites) // 2 + 1,
-                       "modulus_bits": 32, "neighbourhood_size": None},
-        "roster": [[site.name, site.identity_key] for site in sites],
-    }
-    FederatedPlan.parse(raw)
-    return raw
-
-
-def load_round_function(plan: Mapping[str, Any], directory: Path) -> Callable[..., Any]:
+def load_round_function(plan: FederatedPlan, directory: Path) -> Callable[..., Any]:
     """Write the canonical round function for ``plan`` to a file and import it (syft reads its source)."""
     directory.mkdir(parents=True, exist_ok=True)
-    name = function_name(str(plan["run_id"]))
+    name = function_name(plan.run_id)
     path = directory / f"{name}.py"
     path.write_text(render_round_function(plan), encoding="utf-8")
     spec = importlib.util.spec_from_file_location(name, path)
@@ -168,9 +123,9 @@ def load_round_function(plan: Mapping[str, Any], directory: Path) -> Callable[..
     return getattr(module, name)
 
 
-def submit(site: SiteHandle, plan: Mapping[str, Any], directory: Path) -> None:
+def submit(site: SiteHandle, plan: FederatedPlan, directory: Path) -> None:
     """Request execution of the round function at ``site``, bound to its private asset."""
-    name = function_name(str(plan["run_id"]))
+    name = function_name(plan.run_id)
     source = render_round_function(plan)
     with quiet():
         earlier = site.client.api.services.code.get_by_service_func_name(name)
@@ -178,29 +133,29 @@ def submit(site: SiteHandle, plan: Mapping[str, Any], directory: Path) -> None:
         if all(code_hash(str(code.raw_code)) == code_hash(source) for code in earlier):
             return  # this exact request is already at the site: submitting is idempotent
         raise SubmissionError(
-            f"{site.name} already has a request for run {plan['run_id']} with different code or plan; syft calls "
+            f"{site.name} already has a request for run {plan.run_id} with different code or plan; syft calls "
             "a function by name, so one run_id must mean one function: make a new plan (make_plan draws a "
             "fresh run_id) and submit that"
         )
     request_execution(site, plan, directory)
 
 
-def request_execution(site: SiteHandle, plan: Mapping[str, Any], directory: Path) -> None:
+def request_execution(site: SiteHandle, plan: FederatedPlan, directory: Path) -> None:
     """Send syft's code request for ``plan`` at ``site`` without ``submit``'s check for an earlier one.
 
     The sites never rely on that check (a researcher can skip it): their guard refuses any code that
     lacks Fedsite's approval, which is what the end-to-end attack suite shows with this call.
     """
     import syft as sy
-    from syft.service.policy.policy import OutputPolicyExecuteCount
+    from syft.service.policy import policy as syft_policy
 
     function = load_round_function(plan, directory)
     asset = site.asset()
     with quiet():
         syft_function = sy.syft_function(
-            input_policy=sy.MixedInputPolicy(client=site.client, data=asset, stage=str, message=dict),
+            input_policy=getattr(syft_policy, INPUT_POLICY)(client=site.client, data=asset, stage=str, message=dict),
             # syft 0.9.5 does not enforce this limit; the site's own policy counts rounds
-            output_policy=OutputPolicyExecuteCount(limit=1_000_000),
+            output_policy=getattr(syft_policy, OUTPUT_POLICY)(limit=1_000_000),
         )(function)
         try:
             site.client.code.request_code_execution(syft_function)
@@ -214,7 +169,7 @@ def request_execution(site: SiteHandle, plan: Mapping[str, Any], directory: Path
         site.client.refresh()
 
 
-def dry_run_on_mock(site: SiteHandle, plan: Mapping[str, Any]) -> dict[str, Any]:
+def dry_run_on_mock(site: SiteHandle, plan: FederatedPlan) -> DryRun:
     """Run the exact function you would submit on ``site``'s mock twin, locally (nothing is sent).
 
     It builds the planned model, checks its size against the plan and takes one noisy step, as the
@@ -222,13 +177,15 @@ def dry_run_on_mock(site: SiteHandle, plan: Mapping[str, Any]) -> dict[str, Any]
     """
     source = render_round_function(plan)
     approval = Approval(request_id="local-dry-run", code_hash=code_hash(source), researcher="you",
-                        researcher_email="you", dataset=str(plan["dataset"]), plan=dict(plan), calibrated={}, admin="none",
+                        researcher_email="you", dataset=plan.dataset, plan=plan.to_dict(), calibrated={}, admin="none",
                         approved_at=datetime.now(UTC).isoformat())
     with quiet():
         mock = site.asset().mock
     result = dry_run(source, mock, site=site.name, researcher="you", approval=approval)
-    if "refused" in result:
-        raise SiteRefusedError(f"dry run on {site.name}'s mock: {result['refused']}")
+    if isinstance(result, Refused):
+        raise SiteRefusedError(f"dry run on {site.name}'s mock: {result.reason}")
+    if not isinstance(result, DryRun):
+        raise SiteRefusedError(f"dry run on {site.name}'s mock answered {type(result).__name__}, not a dry run")
     return result
 
 
@@ -267,20 +224,21 @@ class FederatedRound:
         self.drop_reasons: dict[str, str] = {}
         self.epsilon_spent: dict[str, float] = {}
         self.times = StageTimes()
-        self.stage = "advertise_keys"  # the stage under way, or the last one called
+        self.stage = Stage.ADVERTISE_KEYS  # the stage under way, or the last one called
         self.masked_sent: tuple[str, ...] = ()  # sites asked for their masked input
-        self.released: dict[str, object] = {}  # site -> the epsilon its masked-input reply reported
+        self.released: dict[str, float | None] = {}  # site -> the epsilon its masked-input reply reported
 
-    def _call(self, site: SiteHandle, stage: str, extra: Mapping[str, Any]) -> dict[str, Any] | None:
-        """One stage at one site: its reply, None if it did not answer; raises on a refusal."""
+    def _call(self, site: SiteHandle, stage: Stage, extra: Mapping[str, Any]) -> StageMessage | None:
+        """One stage at one site: its message, None if it did not answer; raises on a refusal."""
         message = {"round": self.round_index, "attempt": self.attempt, **extra}
         try:
             with quiet():
                 result = getattr(site.client.code, self.function)(data=site.asset(), stage=stage, message=message)
             reply = result.get() if hasattr(result, "get") and not isinstance(result, dict) else result
         except Exception as exc:  # noqa: BLE001 - a site that cannot answer drops out of the session
-            if _GUARD_REFUSAL.search(str(exc)):  # the site's execution guard said no: not a dropout
-                raise SiteRefusedError(_GUARD_REFUSAL.search(str(exc)).group(0)) from None  # type: ignore[union-attr]
+            refused = find_refusal(str(exc))  # the site's guard or gate said no: not a dropout
+            if refused is not None:
+                raise SiteRefusedError(refused) from None
             site.forget_asset()  # a restarted site is looked up afresh next time
             self._dropped(site.name, f"{stage}: {describe_site_failure(site.name, exc)}")
             return None
@@ -290,23 +248,32 @@ class FederatedRound:
                 raise SiteRefusedError(text)
             self._dropped(site.name, f"{stage}: {text}")
             return None
-        if "refused" in reply:
-            raise SiteRefusedError(str(reply["refused"]))
-        if stage == "mask_input":  # it spent and released: this round can never have another session there
-            self.released[site.name] = reply.get("epsilon_spent")
-        return reply
+        try:
+            typed = reply_from_wire(reply)
+        except ContractError as exc:
+            self._dropped(site.name, f"{stage}: {exc}")
+            return None
+        if isinstance(typed, Refused):
+            raise SiteRefusedError(typed.reason)
+        if not isinstance(typed, StageMessage):
+            self._dropped(site.name, f"{stage}: the site answered {type(typed).__name__}, not a stage message")
+            return None
+        if stage == Stage.MASK_INPUT:  # it spent and released: this round can never have another session there
+            self.released[site.name] = typed.epsilon_spent
+        return typed
 
     def _dropped(self, site: str, why: str) -> None:
         if site not in self.dropped:
             self.dropped.append(site)
             self.drop_reasons[site] = why
 
-    def _stage(self, stage: str, among: Sequence[str], extra: Callable[[str], Mapping[str, Any]]) -> dict[str, Any]:
+    def _stage(self, stage: Stage, among: Sequence[str],
+               extra: Callable[[str], Mapping[str, Any]]) -> dict[str, StageMessage]:
         """Call ``stage`` at every site of ``among`` concurrently; returns the replies of those that answered."""
         started = time.perf_counter()
         live = [name for name in among if name not in self.dropped]
         self.stage = stage
-        if stage == "mask_input":
+        if stage == Stage.MASK_INPUT:
             self.masked_sent = tuple(live)
         with ThreadPoolExecutor(max_workers=max(1, len(live))) as pool:
             futures = {name: pool.submit(self._call, self.sites[name], stage, extra(name)) for name in live}
@@ -316,26 +283,26 @@ class FederatedRound:
 
     def run(self, global_vector: np.ndarray) -> RoundOutcome:
         agg = self.aggregator
-        for reply in self._stage("advertise_keys", list(self.sites), lambda _: {}).values():
-            agg.receive_advertise_keys(AdvertiseKeys.from_wire(reply["message"]))
+        for reply in self._stage(Stage.ADVERTISE_KEYS, list(self.sites), lambda _: {}).values():
+            agg.receive_advertise_keys(AdvertiseKeys.from_wire(reply.message))
         round_keys = agg.close_advertise_keys().to_wire()
-        for reply in self._stage("share_keys", agg.advertised, lambda _: {"round_keys": round_keys}).values():
-            agg.receive_share_keys(ShareKeys.from_wire(reply["message"]))
+        for reply in self._stage(Stage.SHARE_KEYS, agg.advertised, lambda _: {"round_keys": round_keys}).values():
+            agg.receive_share_keys(ShareKeys.from_wire(reply.message))
         inboxes = {name: inbox.to_wire() for name, inbox in agg.close_share_keys().items()}
         model = encode_vector(global_vector)
-        replies = self._stage("mask_input", agg.shared,
+        replies = self._stage(Stage.MASK_INPUT, agg.shared,
                               lambda name: {"incoming": inboxes[name], "global_model": model})
         for name, reply in replies.items():
-            agg.receive_masked_input(MaskedInput.from_wire(reply["message"]))
-            self.epsilon_spent[name] = float(reply.get("epsilon_spent", 0.0))
+            agg.receive_masked_input(MaskedInput.from_wire(reply.message))
+            self.epsilon_spent[name] = reply.epsilon_spent or 0.0
         survivors = agg.close_masked_input().to_wire()
-        for reply in self._stage("consistency_check", agg.survivors, lambda _: {"survivors": survivors}).values():
-            agg.receive_survivor_signature(SurvivorSignature.from_wire(reply["message"]))
+        for reply in self._stage(Stage.CONSISTENCY_CHECK, agg.survivors, lambda _: {"survivors": survivors}).values():
+            agg.receive_survivor_signature(SurvivorSignature.from_wire(reply.message))
         signed = agg.close_consistency_check().to_wire()
-        for reply in self._stage("unmask", agg.signers, lambda _: {"signed": signed}).values():
-            agg.receive_unmask_shares(UnmaskShares.from_wire(reply["message"]))
+        for reply in self._stage(Stage.UNMASK, agg.signers, lambda _: {"signed": signed}).values():
+            agg.receive_unmask_shares(UnmaskShares.from_wire(reply.message))
         started = time.perf_counter()
-        self.stage = "unmask"
+        self.stage = Stage.UNMASK
         result = agg.finish()
         self.times.add("unmask_aggregate", time.perf_counter() - started)
         average = np.asarray(result.total, dtype=np.float64) / len(result.participants)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,14 +78,16 @@ class TrainerSettings:
 class FederatedTrainer:
     """Drives an approved plan over ``sites`` to the end, resuming from ``run_dir``."""
 
-    def __init__(self, sites: Sequence[SiteHandle], plan: Mapping[str, Any], settings: TrainerSettings) -> None:
+    def __init__(self, sites: Sequence[SiteHandle], plan: FederatedPlan, settings: TrainerSettings) -> None:
+        if not isinstance(plan, FederatedPlan):
+            raise TypeError(f"plan must be a FederatedPlan (make_plan returns one), got {type(plan).__name__}")
         self.sites = list(sites)
-        self.plan = FederatedPlan.parse(plan)
+        self.plan = plan
         self.settings = settings
         self.run_dir = Path(settings.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._check_same_plan(plan)
-        self.model, self.tokenizer = build_from_spec(plan["model"])
+        self._check_same_plan()
+        self.model, self.tokenizer = build_from_spec(plan.model)
         _, self.layout = flatten_trainable(self.model)
         test = load_test_subset(settings.imdb_source, settings.test_size, settings.test_seed)
         self.test_texts, self.test_labels = test["text"].tolist(), test["label"].tolist()
@@ -99,11 +101,11 @@ class FederatedTrainer:
         self.next_round = 0
         self._resume()
 
-    def _check_same_plan(self, plan: Mapping[str, Any]) -> None:
+    def _check_same_plan(self) -> None:
         path = self.run_dir / PLAN_FILE
-        if path.exists() and read_json(path) != dict(plan):
+        if path.exists() and FederatedPlan.parse(read_json(path)) != self.plan:
             raise ValueError(f"{self.run_dir} holds another run's plan: use a new run_dir for a new plan")
-        write_json_atomic(path, dict(plan))
+        write_json_atomic(path, self.plan.to_dict())
 
     def _resume(self) -> None:
         checkpoint = load_latest(self.run_dir)

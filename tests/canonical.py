@@ -29,7 +29,7 @@ def submit_canonical(site: InProcessSite, researcher: Any, workdir: Path, *, dat
                SiteHandle(name="site-z", client=researcher, identity_key=stranger, dataset=dataset)]
     plan = make_plan(sites=handles, model=SPEC, dp=DP, vector_length=10, threshold=2, dataset=dataset)
     request_execution(handles[0], plan, workdir)
-    return function_name(str(plan["run_id"]))
+    return function_name(plan.run_id)
 
 
 def researcher_id(site: InProcessSite, email: str) -> str:

@@ -55,6 +55,28 @@ class CalibratedPlan:
         document["plan"] = self.plan.to_dict()
         return document
 
+    def derived(self) -> dict[str, Any]:
+        """What calibration derived from the plan, without the plan itself (an approval stores the plan once,
+        in its federated plan, and these numbers beside it)."""
+        document = asdict(self)
+        del document["plan"]
+        return document
+
+    @staticmethod
+    def from_derived(raw: Mapping[str, Any], *, plan: DPPlan) -> CalibratedPlan:
+        """The calibrated plan of an approval: ``plan`` (from the approved federated plan) with its derived numbers.
+
+        An approval written before the plan was stored once carries the DP plan here too; it must equal ``plan``.
+        """
+        values = dict(raw)
+        stored = values.pop("plan", None)
+        if stored is not None and DPPlan.from_dict(stored) != plan:
+            raise DPPlanError("the approval's calibration was made for another DP plan than the approved one")
+        try:
+            return CalibratedPlan(plan=plan, **values)
+        except TypeError as exc:
+            raise DPPlanError(f"the approval's calibration is incomplete: {exc}") from exc
+
     @staticmethod
     def from_dict(raw: Mapping[str, Any]) -> CalibratedPlan:
         values = dict(raw)

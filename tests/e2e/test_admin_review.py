@@ -82,7 +82,7 @@ def _submit(site: ServedSite, client: Any, key: str, workdir: Path) -> str:
     other = SiteHandle(name="site-z", client=None, identity_key=PEER_KEY)
     plan = make_plan(sites=[own, other], model=SPEC, dp=DP, vector_length=len(vector), clip=0.5)
     submit(own, plan, workdir)
-    return str(plan["run_id"])
+    return plan.run_id
 
 
 def _listed_ids(admin: AdminCli, researcher_id: str, *run_ids: str) -> list[str]:

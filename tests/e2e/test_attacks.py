@@ -154,7 +154,7 @@ class Attacker:
         import syft as sy
         from syft.service.policy.policy import OutputPolicyExecuteCount
 
-        name = function_name(str(plan["run_id"]))
+        name = function_name(plan.run_id)
         workdir.mkdir(parents=True, exist_ok=True)
         path = workdir / f"{name}.py"
         path.write_text(render_round_function(plan), encoding="utf-8")  # syft reads the source from the file
@@ -162,7 +162,7 @@ class Attacker:
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        asset = self.asset(client, str(plan["dataset"]))
+        asset = self.asset(client, plan.dataset)
         with quiet():
             submission = sy.syft_function(
                 input_policy=sy.MixedInputPolicy(client=client, data=asset, stage=str, message=dict),
@@ -323,7 +323,7 @@ def run(fed: Federation) -> ApprovedRun:
     digests = {}
     for name in NAMES:
         submit(fed.rita[name], plan, fed.root / "rita")
-        request_id = fed.pending(name, plan["run_id"])
+        request_id = fed.pending(name, plan.run_id)
         code, out, err = fed.admin_cli(name, "approve", request_id)
         assert code == 0, err
         assert out.startswith(f"approved request {request_id[:12]} "), out
@@ -334,7 +334,7 @@ def run(fed: Federation) -> ApprovedRun:
     outcome = round_0.run(flatten_trainable(model)[0])
     assert outcome.participants == NAMES
     fed.attacker.received += [_as_text(replies) for replies in round_0.replies.values()]  # what rita received
-    return ApprovedRun(plan, function_name(plan["run_id"]), digests, round_0)
+    return ApprovedRun(plan, function_name(plan.run_id), digests, round_0)
 
 
 def _eve_plan(fed: Federation) -> dict[str, Any]:
@@ -476,7 +476,7 @@ def test_a_researcher_cannot_change_its_identity_and_a_renamed_one_keeps_its_spe
         assert renamed.email == RENAMED
         plan = fed.plan()
         value_of(at.submit(rita, plan, fed.root / "rita-raw"))
-        code, shown, err = fed.admin_cli("site-a", "show", fed.pending("site-a", plan["run_id"]), "--no-dry-run")
+        code, shown, err = fed.admin_cli("site-a", "show", fed.pending("site-a", plan.run_id), "--no-dry-run")
     finally:
         with quiet():
             fed.admins["site-a"].api.services.user.update(uid=me.id, email=RITA)
@@ -586,7 +586,7 @@ def test_the_approved_plan_has_secure_noise_and_a_plan_without_it_is_flagged(fed
     value_of(fed.attacker.submit(fed.raw["site-b"], plan, fed.root / "noise"))
 
     # Execute
-    code, shown, err = fed.admin_cli("site-b", "show", fed.pending("site-b", plan["run_id"]), "--no-dry-run")
+    code, shown, err = fed.admin_cli("site-b", "show", fed.pending("site-b", plan.run_id), "--no-dry-run")
 
     # Assert
     for name in NAMES:
@@ -605,10 +605,10 @@ def _prepare_round(fed: Federation, plan: FederatedPlan, round_index: int, attem
     session = FederatedRound(list(fed.rita.values()), plan, round_index, attempt)
     agg = session.aggregator
     for reply in session._stage("advertise_keys", NAMES, lambda _: {}).values():
-        agg.receive_advertise_keys(AdvertiseKeys.from_wire(reply["message"]))
+        agg.receive_advertise_keys(AdvertiseKeys.from_wire(reply.message))
     keys = agg.close_advertise_keys().to_wire()
     for reply in session._stage("share_keys", NAMES, lambda _: {"round_keys": keys}).values():
-        agg.receive_share_keys(ShareKeys.from_wire(reply["message"]))
+        agg.receive_share_keys(ShareKeys.from_wire(reply.message))
     model = encode_vector(np.zeros(fed.vector_length, dtype=np.float32))
     return {name: {"round": round_index, "attempt": attempt, "incoming": inbox.to_wire(), "global_model": model}
             for name, inbox in agg.close_share_keys().items()}
@@ -650,15 +650,14 @@ def test_no_timing_one_attempt_per_round_other_requests_listed_and_a_cut_ledger_
 
     # Assert (1): round 0's masked replies carried no timing; exactly one attempt of round 1 trained and released
     for name, reply in run.round_0.replies["mask_input"].items():
-        assert set(reply) == {"message", "epsilon_spent"}, (name, sorted(reply))
-        assert reply["epsilon_spent"] == round(fed.ledger(name).records()[0].epsilon_after, 2)  # two decimals only
-    trained = [r for r in replies if isinstance(r, dict) and "message" in r]
-    refused = [r for r in replies if isinstance(r, dict) and set(r) == {"refused"}]
+        assert reply.epsilon_spent == round(fed.ledger(name).records()[0].epsilon_after, 2)  # two decimals only
+    trained = [r for r in replies if isinstance(r, dict) and r.get("reply") == "message"]
+    refused = [r for r in replies if isinstance(r, dict) and r.get("reply") == "refused"]
     assert len(trained) == 1 and len(refused) == 1, replies
-    assert set(trained[0]) == {"message", "epsilon_spent"}
+    assert set(trained[0]) == {"reply", "message", "epsilon_spent"}  # nothing else, no timing
     assert re.fullmatch(r"site-a: (another attempt of round 1 is training here: only one attempt of a round trains "
                         r"and releases|round 1 already ran here: a replayed round is refused)", refused[0]["refused"])
-    rounds = [r.round_index for r in fed.ledger("site-a").records() if r.run_id == run.plan["run_id"]]
+    rounds = [r.round_index for r in fed.ledger("site-a").records() if r.run_id == run.plan.run_id]
     assert rounds == [0, 1]
     assert len(_events(fed, "site-a", PrivacySpent, 1)) == 1 and len(_events(fed, "site-a", OutputReleased, 1)) == 1
 
@@ -716,7 +715,7 @@ def test_no_timing_one_attempt_per_round_other_requests_listed_and_a_cut_ledger_
     assert "has 1 entries but its head file records 2: its last entries were removed" in verify_cut[2], verify_cut
     assert "site-a: refused a round: a journal failed verification" in fed.served["site-a"].log.read_text()
     assert not _events(fed, "site-a", PrivacySpent, 2)
-    assert [r.round_index for r in fed.ledger("site-a").records() if r.run_id == run.plan["run_id"]] == [0, 1]
+    assert [r.round_index for r in fed.ledger("site-a").records() if r.run_id == run.plan.run_id] == [0, 1]
     assert fed.ledger("site-a").spent() == spent_after_round_1 > spent_after_round_0
     assert isinstance(after_restore, dict) and set(after_restore) == {"message"}, after_restore
 
@@ -766,7 +765,7 @@ def test_after_the_attacks_every_journal_verifies_only_the_approved_spend_and_no
         ledgers = sorted(p.name for p in (fed.site(name).path / "ledger" / "imdb").glob("*.jsonl"))
         assert ledgers == [f"{fed.rita_ids[name]}.jsonl"]
         records = fed.ledger(name).replay()
-        assert {r.run_id for r in records} == {run.plan["run_id"]}
+        assert {r.run_id for r in records} == {run.plan.run_id}
         assert [r.round_index for r in records] == ([0, 1] if name == "site-a" else [0])
         audited = [(e.round, round(e.epsilon, 9)) for e in AuditLog(fed.site(name).path).events()
                    if isinstance(e, PrivacySpent)]

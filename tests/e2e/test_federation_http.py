@@ -6,6 +6,7 @@ loopback HTTP to a separate server process, so a site can be killed with SIGKILL
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -94,7 +95,7 @@ class HttpFederation:
         """
         send = submit if check_earlier else request_execution
         send(handle or self.handles[name], plan, self.root / "functions")
-        return self.pending(name, str(plan["run_id"]))
+        return self.pending(name, plan.run_id)
 
     def pending(self, name: str, run_id: str) -> str:
         requests = [r for r in list_requests(self.admins[name])
@@ -123,7 +124,7 @@ class HttpFederation:
                                           password=RESEARCHER_PASSWORD)
 
     def trainer(self, plan: dict[str, Any]) -> FederatedTrainer:
-        settings = TrainerSettings(run_dir=self.root / "researcher" / str(plan["run_id"]), imdb_source=str(IMDB_DIR),
+        settings = TrainerSettings(run_dir=self.root / "researcher" / plan.run_id, imdb_source=str(IMDB_DIR),
                                    test_size=100, progress=False)
         return FederatedTrainer(list(self.handles.values()), plan, settings)
 
@@ -188,7 +189,7 @@ def _ledger(federation: HttpFederation, name: str) -> PrivacyLedger:
 def _spends_match_the_audit_log(federation: HttpFederation, name: str) -> None:
     """Every ledger record has its privacy_spent audit event, same run, round and epsilon, and vice versa."""
     path = federation.site(name).path
-    run_of = {a.request_id: str(a.plan["run_id"]) for a in ApprovalRegistry(path).all()}
+    run_of = {a.request_id: str(a.plan.run_id) for a in ApprovalRegistry(path).all()}
     audited = [(run_of[e.request_id], e.round, round(e.epsilon, 9)) for e in AuditLog(path).events()
                if isinstance(e, PrivacySpent)]
     ledger = [(r.run_id, r.round_index, round(max(0.0, r.epsilon_after - r.epsilon_before), 9))
@@ -197,7 +198,7 @@ def _spends_match_the_audit_log(federation: HttpFederation, name: str) -> None:
 
 
 def test_three_rounds_over_http_spend_on_every_site(federation: HttpFederation, full_run: FullRun) -> None:
-    run_id = full_run.plan["run_id"]
+    run_id = full_run.plan.run_id
 
     assert [r.round_index for r in full_run.report.rounds] == [0, 1, 2]
     assert all(r.participants == NAMES and r.dropped == () for r in full_run.report.rounds)
@@ -220,13 +221,13 @@ def test_a_fake_dropout_claim_cannot_unmask_a_live_site(federation: HttpFederati
     agg = attack.aggregator
     model = encode_vector(np.zeros(federation.vector_length, dtype=np.float32))
     for reply in attack._stage("advertise_keys", NAMES, lambda _: {}).values():
-        agg.receive_advertise_keys(AdvertiseKeys.from_wire(reply["message"]))
+        agg.receive_advertise_keys(AdvertiseKeys.from_wire(reply.message))
     keys = agg.close_advertise_keys().to_wire()
     for reply in attack._stage("share_keys", NAMES, lambda _: {"round_keys": keys}).values():
-        agg.receive_share_keys(ShareKeys.from_wire(reply["message"]))
+        agg.receive_share_keys(ShareKeys.from_wire(reply.message))
     inboxes = {n: i.to_wire() for n, i in agg.close_share_keys().items()}
     for reply in attack._stage("mask_input", NAMES, lambda n: {"incoming": inboxes[n], "global_model": model}).values():
-        agg.receive_masked_input(MaskedInput.from_wire(reply["message"]))
+        agg.receive_masked_input(MaskedInput.from_wire(reply.message))
     survivors = agg.close_masked_input().to_wire()
     signatures = attack._stage("consistency_check", NAMES, lambda _: {"survivors": survivors})
     # The aggregator now claims site-c dropped, to get the shares of c's pairwise mask key as well.
@@ -256,7 +257,7 @@ def _kill_when_round_starts(site: ServedSite, run_id: str, round_index: int, kil
 def test_kill_9_mid_round_then_restart_loses_nothing(federation: HttpFederation) -> None:
     # Prepare
     plan = federation.plan()
-    run_id = plan["run_id"]
+    run_id = plan.run_id
     federation.approve_everywhere(plan)
     trainer = federation.trainer(plan)
     site_c = federation.served["site-c"]
@@ -331,7 +332,7 @@ def test_unapproved_code_is_refused_at_the_api_gate(federation: HttpFederation) 
     logged = audit.head().n_entries
 
     # Execute: the researcher calls it anyway
-    seen = _raw_call(federation.handles["site-b"], function_name(plan["run_id"]), "advertise_keys",
+    seen = _raw_call(federation.handles["site-b"], function_name(plan.run_id), "advertise_keys",
                      {"round": 0, "attempt": 0})
 
     # Assert: the gate refused before syft looked at the code's status; nothing ran, the refusal is audited
@@ -342,7 +343,7 @@ def test_unapproved_code_is_refused_at_the_api_gate(federation: HttpFederation) 
     assert [e.kind for e in new] == ["api_call_refused"]
     assert (new[0].path, new[0].caller, new[0].caller_email, new[0].reason) == \
         ("code.call", federation.researcher_ids["site-b"], RESEARCHER, reason)
-    assert not list((federation.site("site-b").path / "runs").glob(f"*/{plan['run_id']}"))
+    assert not list((federation.site("site-b").path / "runs").glob(f"*/{plan.run_id}"))
 
 
 def test_code_bound_to_another_asset_is_refused_at_submission(federation: HttpFederation,
@@ -363,7 +364,7 @@ def test_code_bound_to_another_asset_is_refused_at_submission(federation: HttpFe
     # Assert: the gate refused the request before syft stored it; the admin has nothing to review
     assert str(refused.value).endswith("site-a: refused: code.request_code_execution (the site's API gate): `data` "
                                        "must be this site's asset of dataset 'imdb'"), str(refused.value)
-    assert not [r for r in list_requests(federation.admins["site-a"]) if r.function == function_name(plan["run_id"])]
+    assert not [r for r in list_requests(federation.admins["site-a"]) if r.function == function_name(plan.run_id)]
     assert _gate_refusals(federation, "site-a")[-1].path == "code.request_code_execution"
 
 
@@ -411,7 +412,7 @@ def test_code_changed_after_approval_is_refused_by_the_gate(federation: HttpFede
     # Prepare: P' has the run id of the approved plan P and a changed plan literal; site-a's admin
     # approves it in syft's own UI, bypassing Fedsite's review
     site = federation.site("site-a")
-    changed = {**full_run.plan, "dp": {**full_run.plan["dp"], "local_steps": 64}}
+    changed = dataclasses.replace(full_run.plan, dp=dataclasses.replace(full_run.plan.dp, local_steps=64))
     request_id = federation.submit("site-a", changed, check_earlier=False)
     with quiet():
         request = next(r for r in federation.admins["site-a"].requests if str(r.id.no_dash) == request_id)

@@ -107,7 +107,7 @@ def test_a_site_killed_after_another_released_loses_the_round_and_the_run_finish
     pin_each_other([SiteDir(site.data_dir) for site in served.values()])
     model, _ = build_from_spec(SPEC)
     plan = make_plan(sites=handles, model=SPEC, dp=DP, vector_length=len(flatten_trainable(model)[0]), clip=0.5)
-    run_id = plan["run_id"]
+    run_id = plan.run_id
     for handle in handles:
         submit(handle, plan, tmp_path / "functions")
         site = SiteDir(served[handle.name].data_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Iterator
@@ -76,7 +77,7 @@ class Federation:
 
     def pending(self, name: str, plan: dict[str, Any]) -> str:
         """The pending request of ``plan``'s run at site ``name`` (other tests may leave requests of theirs)."""
-        function = function_name(plan["run_id"])
+        function = function_name(plan.run_id)
         return next(r.request_id for r in list_requests(self.admins[name])
                     if r.status == "pending" and r.function == function)
 
@@ -126,7 +127,7 @@ def test_review_shows_code_plan_privacy_and_dry_run(federation: Federation) -> N
     assert report.problems == ()
     assert report.code_review.verdict == "clean"
     assert report.calibrated is not None and report.calibrated.run_epsilon == pytest.approx(3.0, abs=0.05)
-    assert report.dry_run is not None and report.dry_run["trainable_parameters"] == len(federation.vector)
+    assert report.dry_run is not None and report.dry_run.trainable_parameters == len(federation.vector)
     text = report.render_text()
     assert "def fedsite_run_" in text and "projected" in text and "no problems" in text
 
@@ -134,9 +135,8 @@ def test_review_shows_code_plan_privacy_and_dry_run(federation: Federation) -> N
 def test_researcher_dry_runs_the_exact_function_on_a_mock(federation: Federation) -> None:
     result = dry_run_on_mock(federation.handles[2], federation.plan())
 
-    assert result["dry_run"] is True
-    assert result["trainable_parameters"] == len(federation.vector)
-    assert result["mock_rows"] == 64
+    assert result.trainable_parameters == len(federation.vector)
+    assert result.mock_rows == 64
 
 
 def test_two_rounds_train_and_spend_on_every_site(federation: Federation, approved: FederatedPlan,
@@ -198,14 +198,14 @@ def test_a_fake_dropout_claim_cannot_unmask_a_live_site(federation: Federation) 
     agg = attack.aggregator
     vector = federation.vector.astype(np.float32)
     for reply in attack._stage("advertise_keys", NAMES, lambda _: {}).values():
-        agg.receive_advertise_keys(AdvertiseKeys.from_wire(reply["message"]))
+        agg.receive_advertise_keys(AdvertiseKeys.from_wire(reply.message))
     keys = agg.close_advertise_keys().to_wire()
     for reply in attack._stage("share_keys", NAMES, lambda _: {"round_keys": keys}).values():
-        agg.receive_share_keys(ShareKeys.from_wire(reply["message"]))
+        agg.receive_share_keys(ShareKeys.from_wire(reply.message))
     inboxes = {n: i.to_wire() for n, i in agg.close_share_keys().items()}
     replies = attack._stage("mask_input", NAMES, lambda n: {"incoming": inboxes[n], "global_model": encode_vector(vector)})
     for reply in replies.values():
-        agg.receive_masked_input(MaskedInput.from_wire(reply["message"]))
+        agg.receive_masked_input(MaskedInput.from_wire(reply.message))
     survivors = agg.close_masked_input().to_wire()
     signatures = attack._stage("consistency_check", NAMES, lambda _: {"survivors": survivors})
     # The aggregator now claims site-c dropped, to get the shares of c's pairwise mask key as well.
@@ -280,7 +280,7 @@ def test_the_trainer_calibrates_the_bias_on_public_texts(federation: Federation,
     # Assert: the checkpointed model is the calibrated one, scored as the report says, and it splits the
     # public texts that are not evaluated at the prior
     assert len(trainer.calibration_texts) == len(set(public) - set(evaluated["text"]))
-    model, tokenizer = build_from_spec(raw["model"])
+    model, tokenizer = build_from_spec(raw.model)
     checkpoint = load_latest(tmp_path / "run")
     assert checkpoint is not None and checkpoint.round_index == 0
     restore_into(model, checkpoint)
@@ -348,8 +348,8 @@ def test_a_run_id_names_exactly_one_function_at_a_site(federation: Federation) -
     submit(handle, raw, federation.workdir / "functions")  # the same request again is not a second request
     assert len(list_requests(admin)) == before + 1
 
-    changed = {**raw, "dp": {**raw["dp"], "learning_rate": 0.5}}
-    with pytest.raises(SubmissionError, match=rf"site-c already has a request for run {raw['run_id']} .* new plan"):
+    changed = dataclasses.replace(raw, dp=dataclasses.replace(raw.dp, learning_rate=0.5))
+    with pytest.raises(SubmissionError, match=rf"site-c already has a request for run {raw.run_id} .* new plan"):
         submit(handle, changed, federation.workdir / "functions")
     assert len(list_requests(admin)) == before + 1
     deny_request(admin, federation.sites["site-c"].site, federation.pending("site-c", raw), reason="test", admin="x")
@@ -403,10 +403,10 @@ def test_a_round_releases_no_timing_and_only_one_attempt_trains(federation: Fede
     for session in sessions:
         agg = session.aggregator
         for reply in session._stage("advertise_keys", NAMES, lambda _: {}).values():
-            agg.receive_advertise_keys(AdvertiseKeys.from_wire(reply["message"]))
+            agg.receive_advertise_keys(AdvertiseKeys.from_wire(reply.message))
         keys = agg.close_advertise_keys().to_wire()
         for reply in session._stage("share_keys", NAMES, lambda _, keys=keys: {"round_keys": keys}).values():
-            agg.receive_share_keys(ShareKeys.from_wire(reply["message"]))
+            agg.receive_share_keys(ShareKeys.from_wire(reply.message))
         inboxes.append({n: i.to_wire() for n, i in agg.close_share_keys().items()})
 
     # Execute: both attempts' mask_input at site-a at once

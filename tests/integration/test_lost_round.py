@@ -115,7 +115,7 @@ def test_a_refusal_after_every_site_released_loses_the_round_and_the_run_finishe
     # Prepare: every site is needed (threshold 3); in round 1, once all three released their masked input,
     # site-c's admin withdraws the pin of site-a, so site-c refuses the consistency check
     raw = federation.approved_plan(threshold=3)
-    run_id = raw["run_id"]
+    run_id = raw.run_id
     pins = PeerPins(federation.sites["site-c"].site.path, own_name="site-c")
     key_a = pins.load().peers["site-a"]
     _after_stage(monkeypatch, 1, "mask_input", lambda: pins.remove("site-a"))
@@ -156,15 +156,15 @@ def test_a_researcher_that_dies_after_a_release_finds_the_round_lost_when_it_res
     # Prepare: the trainer claims round 0's attempts; its session gets site-a's masked input, then the
     # researcher's process dies (the session object is simply dropped)
     raw = federation.approved_plan(dp={"rounds": 2, "target_epsilon": 1.0})
-    run_id, plan = raw["run_id"], FederatedPlan.parse(raw)
+    run_id, plan = raw.run_id, FederatedPlan.parse(raw)
     first = federation.trainer(raw, tmp_path / "run")
     session = FederatedRound(federation.handles, plan, 0, first._claim_attempts(0))
     agg = session.aggregator
     for reply in session._stage("advertise_keys", NAMES, lambda _: {}).values():
-        agg.receive_advertise_keys(AdvertiseKeys.from_wire(reply["message"]))
+        agg.receive_advertise_keys(AdvertiseKeys.from_wire(reply.message))
     keys = agg.close_advertise_keys().to_wire()
     for reply in session._stage("share_keys", NAMES, lambda _: {"round_keys": keys}).values():
-        agg.receive_share_keys(ShareKeys.from_wire(reply["message"]))
+        agg.receive_share_keys(ShareKeys.from_wire(reply.message))
     inboxes = {name: inbox.to_wire() for name, inbox in agg.close_share_keys().items()}
     model = encode_vector(np.asarray(flatten_trainable(first.model)[0], dtype=np.float32))
     session._stage("mask_input", ["site-a"], lambda name: {"incoming": inboxes[name], "global_model": model})

@@ -67,6 +67,7 @@ def test_every_reply_round_trips_through_its_wire_form(reply: object) -> None:
     ({"reply": "message", "message": "abc"}, "'message' must be a mapping"),
     ({"reply": "message", "message": {}, "epsilon_spent": float("nan")}, "'epsilon_spent' must be a finite number"),
     ({"reply": "dry_run", "trainable_parameters": True}, "'trainable_parameters' must be a finite number"),
+    ({"reply": "message", "message": {}, "seconds": 1.5}, r"a message reply has unknown fields \['seconds'\]"),
 ])
 def test_a_malformed_reply_is_refused_with_what_is_wrong(raw: object, problem: str) -> None:
     with pytest.raises(ContractError, match=problem):

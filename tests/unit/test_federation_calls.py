@@ -113,6 +113,6 @@ def test_the_secure_sum_range_defaults_to_what_one_round_can_move_a_parameter(dp
     plan = make_plan(sites=sites, model={"name": "m", "trainable": {"kind": "lora"}}, dp={**base, **dp},
                      vector_length=10)
 
-    assert plan["secure_sum"]["clip"] == pytest.approx(clip)
+    assert plan.secure_sum.clip == pytest.approx(clip)
     assert make_plan(sites=sites, model={"name": "m", "trainable": {"kind": "lora"}}, dp={**base, **dp},
-                     vector_length=10, clip=0.5)["secure_sum"]["clip"] == 0.5
+                     vector_length=10, clip=0.5).secure_sum.clip == 0.5

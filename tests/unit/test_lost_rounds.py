@@ -61,10 +61,11 @@ class MemorySite:
         if isinstance(failure, Exception):
             raise failure
         if isinstance(failure, str):
-            return {"refused": f"{self.name}: {failure}"}
+            return {"reply": "refused", "refused": f"{self.name}: {failure}"}
         if stage == "advertise_keys" and round_index in self.released:
-            return {"refused": f"{self.name}: round {round_index} already ran here: a replayed round is refused"}
-        reply = {"message": self._stage(stage, round_index, attempt, message)}
+            return {"reply": "refused",
+                    "refused": f"{self.name}: round {round_index} already ran here: a replayed round is refused"}
+        reply = {"reply": "message", "message": self._stage(stage, round_index, attempt, message)}
         if stage == "mask_input" and self.epsilon is not None:
             reply["epsilon_spent"] = self.epsilon
         return reply
@@ -207,8 +208,8 @@ def test_other_refusals_reveal_no_lost_round(refusal: str) -> None:
 
 def test_a_resumed_trainer_goes_on_after_a_lost_round_that_left_no_checkpoint(tmp_path: Path) -> None:
     # Prepare: round 0 was lost (recorded in the report) and the researcher's process died before round 1
-    raw = make_raw_plan()
-    report = RunReport(run_id=raw["run_id"])
+    raw = FederatedPlan.parse(make_raw_plan())
+    report = RunReport(run_id=raw.run_id)
     report.append_lost(LostRound(round_index=0, attempt=0, stage="mask_input", reason="too few", released=["site-a"]))
     report.save_json(tmp_path / REPORT_FILE)
     settings = TrainerSettings(run_dir=tmp_path, imdb_source=str(IMDB_DIR), test_size=8, progress=False)

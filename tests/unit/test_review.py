@@ -382,12 +382,12 @@ def test_printable_shows_terminal_escapes_instead_of_obeying_them() -> None:
 
 
 def _plan_source(centre: list[float], weight: list[list[float]]) -> str:
-    from policies.submission import render_round_function
+    from policies.submission import render_literal
 
     plan = {"run_id": "run-0123456789ab", "model": {"name": None, "centre": centre,
                                                     "head_init": {"weight": weight, "bias": [-0.25, 0.25]}},
             "dp": {"rounds": 2}, "roster": [["site-a", "ab" * 32]]}
-    return render_round_function(plan)
+    return render_literal(plan)
 
 
 CENTRE = [(-1) ** i * (0.125 + i / 1024) for i in range(48)]  # negative values parse as a unary minus

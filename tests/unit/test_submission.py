@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import base64
 import copy
+import json
 import subprocess
 import sys
 from typing import Any
@@ -14,8 +15,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from policies.approvals import ExecutionRefusedError
+from policies.contracts import encode_vector
 from policies.federated_plan import FederatedPlan, FederatedPlanError
-from policies.site_runtime import SiteRefusal, decode_vector, encode_vector, run_stage
+from policies.site_runtime import SiteRefusal, decode_global_model, run_stage
 from policies.submission import (
     ROUND_FUNCTION_TEMPLATE,
     SubmissionError,
@@ -47,13 +49,35 @@ def make_raw_plan(**overrides: Any) -> dict[str, Any]:
 
 
 def test_rendered_function_round_trips_its_plan() -> None:
-    raw = make_raw_plan()
+    plan = FederatedPlan.parse(make_raw_plan())
 
-    source = render_round_function(raw)
+    source = render_round_function(plan)
 
-    assert source.startswith(f"def {function_name(raw['run_id'])}(data, stage, message):")
-    assert canonical_plan(source) == raw
-    assert canonical_plan("@sy.syft_function(input_policy=x)\n" + source) == raw
+    assert source.startswith(f"def {function_name(plan.run_id)}(data, stage, message):")
+    assert canonical_plan(source) == plan.to_dict()
+    assert canonical_plan("@sy.syft_function(input_policy=x)\n" + source) == plan.to_dict()
+    assert FederatedPlan.parse(canonical_plan(source)) == plan
+
+
+def test_the_typed_plan_serialises_to_its_canonical_literal_and_back_exactly() -> None:
+    head_init = {"weight": [[-0.5, 0.25], [0.5, -0.25]], "bias": [0.125, -0.125]}
+    for model in (make_raw_plan()["model"],
+                  {"name": "all-MiniLM-L6-v2", "trainable": {"kind": "top_k", "top_k": 1}, "pooling": "cls"},
+                  {"name": None, "tiny": {"hidden_size": 2}, "trainable": {"kind": "lora", "lora_targets": ["key"]},
+                   "centre": [0.5, -1.5], "head_init": head_init, "dropout": 0.0}):
+        plan = FederatedPlan.parse(make_raw_plan(model=model))
+
+        canonical = plan.to_dict()
+
+        assert FederatedPlan.parse(canonical) == plan  # back to an equal typed plan
+        assert FederatedPlan.parse(canonical).to_dict() == canonical  # and to the same literal, exactly
+        assert json.loads(json.dumps(canonical)) == canonical  # plain JSON, no tuples or bytes
+        assert FederatedPlan.parse(canonical).digest() == plan.digest()
+    # Defaults written out or left implicit are the same plan with the same digest
+    implicit = FederatedPlan.parse(make_raw_plan())
+    explicit = FederatedPlan.parse({**make_raw_plan(roster=implicit.to_dict()["roster"]),
+                                    "model": implicit.model.to_dict()})
+    assert explicit == implicit and explicit.digest() == implicit.digest()
 
 
 @pytest.mark.parametrize(
@@ -76,14 +100,14 @@ def test_rendered_function_round_trips_its_plan() -> None:
     ],
 )
 def test_anything_but_the_canonical_function_is_refused(edit: Any, message: str) -> None:
-    source = edit(render_round_function(make_raw_plan()))
+    source = edit(render_round_function(FederatedPlan.parse(make_raw_plan())))
 
     with pytest.raises(SubmissionError, match=message):
         canonical_plan(source)
 
 
 def test_the_runtime_a_site_preloads_is_what_the_round_function_imports() -> None:
-    rendered = ast.parse(render_round_function(make_raw_plan()))
+    rendered = ast.parse(render_round_function(FederatedPlan.parse(make_raw_plan())))
     imported = tuple(node.module for node in ast.walk(rendered) if isinstance(node, ast.ImportFrom))
     assert runtime_modules() == imported == ("policies.site_runtime", "models")
     # In a fresh interpreter (this one has imported everything already): loading brings in the ML stack.
@@ -96,7 +120,7 @@ def test_the_runtime_a_site_preloads_is_what_the_round_function_imports() -> Non
 
 
 def test_a_renamed_function_is_not_canonical() -> None:
-    source = render_round_function(make_raw_plan()).replace("fedsite_run_0123456789ab", "fedsite_run_ffffffffffff", 1)
+    source = render_round_function(FederatedPlan.parse(make_raw_plan())).replace("fedsite_run_0123456789ab", "fedsite_run_ffffffffffff", 1)
 
     with pytest.raises(SubmissionError, match="not the canonical"):
         canonical_plan(source)
@@ -166,7 +190,7 @@ def test_a_plan_with_the_default_recipes_start_round_trips_through_the_function(
     raw = make_raw_plan(model={"name": None, "tiny": {"hidden_size": 2}, "trainable": {"kind": "lora"}, "seed": 0,
                                "centre": [0.5, -1.5], "head_init": head_init, "dropout": 0.0})
 
-    plan = FederatedPlan.parse(canonical_plan(render_round_function(raw)))
+    plan = FederatedPlan.parse(canonical_plan(render_round_function(FederatedPlan.parse(raw))))
 
     assert plan.model.centre == (0.5, -1.5) and plan.model.head_init == head_init and plan.model.dropout == 0.0
 
@@ -198,7 +222,7 @@ def test_plan_parsing_does_not_mutate_its_input() -> None:
 def test_vectors_travel_as_exact_little_endian_float32() -> None:
     vector = np.array([0.5, -1.25, 3.0], dtype=np.float32)
 
-    assert np.array_equal(decode_vector(encode_vector(vector), 3), vector)
+    assert np.array_equal(decode_global_model(encode_vector(vector), 3), vector)
 
 
 @pytest.mark.parametrize(
@@ -214,7 +238,7 @@ def test_vectors_travel_as_exact_little_endian_float32() -> None:
 )
 def test_bad_global_models_are_refused(encoded: Any, length: int, message: str) -> None:
     with pytest.raises(SiteRefusal, match=message):
-        decode_vector(encoded, length)
+        decode_global_model(encoded, length)
 
 
 def test_the_runtime_refuses_to_run_outside_a_guarded_execution() -> None:
@@ -239,4 +263,4 @@ def test_the_dry_run_takes_its_one_step_under_an_averaging_plan() -> None:
     result = dry_run(texts, labels, plan=FederatedPlan.parse(raw), make_model=lambda: build_from_spec(model_spec))
 
     # Assert
-    assert result["dry_run"] and result["trainable_parameters"] == length and result["mock_rows"] == 40
+    assert result.trainable_parameters == length and result.mock_rows == 40
