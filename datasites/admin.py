@@ -22,13 +22,14 @@ from datasites.secrets import check_password_strength
 from datasites.server import quiet
 from datasites.sitedir import SiteDir
 from policies.budget import BudgetBook, BudgetError, PrivacyBudget
+from policies.contracts import ASSET
 from policies.fingerprint import partition_fingerprint
 from policies.identity import key_fingerprint
 from policies.peers import PeerPins, PinnedFederation
 from policies.syft_client import SiteConnectionError
 from policies.syft_client import login as client_login
 
-PRIVATE_ASSET = "reviews"
+PRIVATE_ASSET = ASSET  # policies.contracts: the name both sides use
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[a-z]{2,}$", re.IGNORECASE)
 _DATASET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 

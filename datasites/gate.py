@@ -37,6 +37,7 @@ from datasites.gate_call import ASSET, After, Allowed, Call, Caller, Check, Gate
 from datasites.gate_rules import ALLOWLIST, MAX_INPUT_BYTES, MAX_REASON_CHARS, no_arguments
 from datasites.guard import GuardedSite, site_for
 from policies.audit import ApiCallRefused, AuditLog
+from policies.contracts import refusal
 from policies.review import printable
 
 logger = logging.getLogger("fedsite.gate")
@@ -107,7 +108,7 @@ def _shown(path: object) -> str:
 
 def _refusal(server: Any, site: GuardedSite | None, caller: Caller | None, path: str, why: str) -> Exception:
     name = site.name if site is not None else "this server"
-    message = f"{name}: refused: {_shown(path)} (the site's API gate): {bounded(why)}"
+    message = refusal(name, f"{_shown(path)} (the site's API gate): {bounded(why)}")
     if site is not None and caller is not None and caller.user_id is not None:
         # A researcher's refused call is on the record, under its immutable id. A key without an account
         # (anyone who reaches the port can make one) is not: it would let anyone grow the audit log at will.

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from datasites.guard import GuardedSite
-
-ASSET = "reviews"  # the one asset name of a Fedsite dataset (datasites.admin.PRIVATE_ASSET)
+from policies.contracts import ASSET
 
 
 class GateRefusal(Exception):

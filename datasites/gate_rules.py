@@ -29,6 +29,7 @@ from datasites.gate_call import (
     _uid_hex,
 )
 from policies.approvals import ApprovalRegistry
+from policies.contracts import INPUT_POLICY, OUTPUT_POLICY
 from policies.review import code_hash
 from policies.submission import SubmissionError, canonical_plan, function_name
 
@@ -167,7 +168,7 @@ def _set(call: Call) -> None:
 def _submit(call: Call) -> None:
     """A code request: the canonical Fedsite round function with syft's canonical policies, nothing else."""
     from syft.service.code.user_code import SubmitUserCode
-    from syft.service.policy.policy import MixedInputPolicy, OutputPolicyExecuteCount
+    from syft.service.policy import policy as syft_policy
 
     bound = call.bind("code", optional=("reason",))
     code = bound["code"]
@@ -184,8 +185,9 @@ def _submit(call: Call) -> None:
         raise GateRefusal("the function's name must be the plan's (fedsite_<run id>)")
     if list(code.input_kwargs) != ["data", "stage", "message"]:
         raise GateRefusal("the function must take exactly data, stage and message")
-    if code.input_policy_type is not MixedInputPolicy or code.output_policy_type is not OutputPolicyExecuteCount:
-        raise GateRefusal("the policies must be syft's MixedInputPolicy and OutputPolicyExecuteCount (no custom policy code)")
+    if (code.input_policy_type is not getattr(syft_policy, INPUT_POLICY)
+            or code.output_policy_type is not getattr(syft_policy, OUTPUT_POLICY)):
+        raise GateRefusal(f"the policies must be syft's {INPUT_POLICY} and {OUTPUT_POLICY} (no custom policy code)")
     if code.worker_pool_name is not None:
         raise GateRefusal("no worker pool: the site runs approved code in its own process")
     if code.id is not None and _code_exists(call, str(code.id.no_dash)):

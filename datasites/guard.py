@@ -22,6 +22,7 @@ from typing import Any
 
 from policies.approvals import ApprovalRegistry, ExecutionContext, authorised
 from policies.audit import AuditLog, ExecutionRefused
+from policies.contracts import refusal
 from policies.review import code_hash
 
 logger = logging.getLogger("fedsite.guard")
@@ -137,8 +138,8 @@ def authorise(context: Any, code_item: Any, kwargs: dict[str, Any]) -> Execution
     audit = AuditLog(site.data_dir)
     request_id = str(code_item.id.no_dash)
     if approval is None:
-        reason = (f"{site.name}: refused: code {digest[:12]} has no Fedsite approval for {email} (id {researcher}) "
-                  "(unapproved, changed after approval, or revoked); submit it for review")
+        reason = refusal(site.name, f"code {digest[:12]} has no Fedsite approval for {email} (id {researcher}) "
+                                      "(unapproved, changed after approval, or revoked); submit it for review")
         audit.record(ExecutionRefused(request_id=request_id, code_hash=digest, researcher=researcher,
                                       researcher_email=email, dataset="?", round=None, reason=reason))
         raise _refuse(reason)

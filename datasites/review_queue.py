@@ -21,7 +21,7 @@ from datasites.request_ids import request_prefix, resolve_request_id
 from datasites.sitedir import SiteDir
 from policies.approvals import Approval, ApprovalRegistry
 from policies.audit import AuditLog, RequestApproved, RequestDenied
-from policies.contracts import DryRun, Refused
+from policies.contracts import ASSET, INPUT_POLICY, OUTPUT_POLICY, DryRun, Refused
 from policies.dp import CalibratedPlan, DPPlan, DPPlanError, calibrate_plan
 from policies.federated_plan import FederatedPlan, FederatedPlanError
 from policies.fingerprint import UnknownDatasetError, read_dataset_facts
@@ -31,10 +31,6 @@ from policies.review import CodeReview, code_hash, printable, review_code
 from policies.review_render import render_listing
 from policies.submission import SubmissionError, canonical_plan, dry_run, function_name
 from policies.syft_client import quiet
-
-CANONICAL_INPUT_POLICY = "MixedInputPolicy"
-CANONICAL_OUTPUT_POLICY = "OutputPolicyExecuteCount"
-ASSET = "reviews"
 
 
 @dataclass(frozen=True)
@@ -149,10 +145,10 @@ def _find(client: Any, request_id: str) -> Any:
 def _policy_problems(code: Any, asset_action_id: str | None) -> list[str]:
     """The syft policies must be the site's canonical ones, bound to this site's private asset."""
     problems = []
-    if code.input_policy_type.__name__ != CANONICAL_INPUT_POLICY:
-        problems.append(f"input policy is {code.input_policy_type.__name__}, not syft's {CANONICAL_INPUT_POLICY}")
-    if code.output_policy_type.__name__ != CANONICAL_OUTPUT_POLICY:
-        problems.append(f"output policy is {code.output_policy_type.__name__}, not syft's {CANONICAL_OUTPUT_POLICY}")
+    if code.input_policy_type.__name__ != INPUT_POLICY:
+        problems.append(f"input policy is {code.input_policy_type.__name__}, not syft's {INPUT_POLICY}")
+    if code.output_policy_type.__name__ != OUTPUT_POLICY:
+        problems.append(f"output policy is {code.output_policy_type.__name__}, not syft's {OUTPUT_POLICY}")
     kwargs = list(code.input_policy_init_kwargs.values())
     bound = kwargs[0] if len(kwargs) == 1 else {}
     if set(bound) != {"data", "stage", "message"}:

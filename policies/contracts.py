@@ -26,6 +26,22 @@ REFUSAL_MARK = ": refused: "  # "<site>: refused: <why>", from the guard, the ga
 _REFUSAL = re.compile(r"[a-z0-9][a-z0-9-]*: refused: .*")
 
 
+# How a site refuses a new session of a round it already ran (released): the researcher records the round
+# as lost rather than retrying it. "round r is older than round m, which already ran here" is another refusal.
+_ALREADY_RAN = re.compile(r"^([a-z0-9][a-z0-9-]*): round (\d+) already ran here\b")
+
+
+def already_ran(round_index: int) -> str:
+    """The reason a site gives for refusing a second session of a round it released."""
+    return f"round {round_index} already ran here: a replayed round is refused"
+
+
+def released_round(reason: str) -> tuple[str, int] | None:
+    """(site, round) when ``reason`` is a site's ``already_ran`` refusal, else None."""
+    match = _ALREADY_RAN.match(reason)
+    return (match.group(1), int(match.group(2))) if match else None
+
+
 class ContractError(ValueError):
     """A value crossing between the researcher and a site is not in the agreed shape."""
 
@@ -167,6 +183,6 @@ def reply_from_wire(raw: object) -> StageReply:
 
 __all__ = [
     "ASSET", "INPUT_POLICY", "OUTPUT_POLICY", "REFUSAL_MARK", "ContractError", "DryRun", "MockRun", "Refused",
-    "Stage", "StageMessage", "StageReply", "decode_vector", "encode_vector", "find_refusal", "refusal",
-    "reply_from_wire", "reply_to_wire",
+    "Stage", "StageMessage", "StageReply", "already_ran", "decode_vector", "encode_vector", "find_refusal",
+    "refusal", "released_round", "reply_from_wire", "reply_to_wire",
 ]

@@ -43,6 +43,7 @@ from policies.contracts import (
     Stage,
     StageMessage,
     StageReply,
+    already_ran,
     decode_vector,
     refusal,
     reply_to_wire,
@@ -329,7 +330,7 @@ class SiteRun:
     def _check_fresh_round(self, round_index: int) -> None:
         spent = self._spent_rounds()
         if round_index in spent:
-            raise SiteRefusal(f"round {round_index} already ran here: a replayed round is refused")
+            raise SiteRefusal(already_ran(round_index))
         if spent and round_index < max(spent):
             raise SiteRefusal(f"round {round_index} is older than round {max(spent)}, which already ran here")
 

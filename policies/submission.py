@@ -21,6 +21,7 @@ import tempfile
 import textwrap
 import time
 import tokenize
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 

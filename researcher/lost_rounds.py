@@ -11,13 +11,8 @@ and the run goes on with the next round, which every site accepts (a later round
 
 from __future__ import annotations
 
-import re
-
+from policies.contracts import Stage, released_round
 from researcher.report import LostRound
-
-# How a site refuses a new session of a round it already ran, i.e. released (policies.site_runtime,
-# SiteRun._check_fresh_round); "round r is older than round m, which already ran here" does not match.
-_ALREADY_RAN = re.compile(r"^([a-z0-9][a-z0-9-]*): round (\d+) already ran here\b")
 
 
 class RoundLostError(RuntimeError):
@@ -35,11 +30,11 @@ def lost_by_refusal(refusal: str, round_index: int, attempt: int) -> LostRound |
     reply never arrived; the site rightly refuses any new session of the round. None for any other
     refusal (it stops the run: a site's policy said no).
     """
-    match = _ALREADY_RAN.match(refusal)
-    if match is None or int(match.group(2)) != round_index:
+    released = released_round(refusal)
+    if released is None or released[1] != round_index:
         return None
-    return LostRound(round_index=round_index, attempt=attempt, stage="advertise_keys", reason=refusal,
-                     released=(match.group(1),))
+    return LostRound(round_index=round_index, attempt=attempt, stage=Stage.ADVERTISE_KEYS, reason=refusal,
+                     released=(released[0],))
 
 
 __all__ = ["RoundLostError", "lost_by_refusal"]
