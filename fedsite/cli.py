@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from datasites.errors import FedsiteError
+from fedsite.run_cli import add_run_parser
 
 RESEARCHER_PASSWORD_ENV = "FEDSITE_RESEARCHER_PASSWORD"
 
@@ -485,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_review_commands(admin_command)
     _add_audit_commands(admin_command)
     _add_demo_parser(sub)
+    add_run_parser(sub)
     return parser
 
 
