@@ -263,7 +263,9 @@ def _model(where: _Where, raw: object) -> dict[str, Any]:
     try:
         ModelSpec.parse(spec)
     except FederatedPlanError as exc:
-        raise where.error("model", f"is refused: {str(exc).replace('plan[', '[')}") from None
+        keys = re.sub(r"(?:\['\w+'\])+", lambda m: ".".join(re.findall(r"'(\w+)'", m.group())),
+                      str(exc).replace("plan[", "["))  # plan['model']['name'] -> model.name, as run.toml spells it
+        raise where.error("model", f"is refused: {keys}") from None
     return spec
 
 
