@@ -120,7 +120,8 @@ class Federation:
     def plot_path(self) -> Path:
         return self.train_dir / PLOT_FILE
 
-    def submitted(self) -> bool:
+    def planned(self) -> bool:
+        """Whether a plan was made (by prepare or submit) and saved in the output dir."""
         return (self.output_dir / STATE_FILE).is_file()
 
     def run_id(self) -> str:
@@ -196,6 +197,22 @@ class Federation:
                          threshold=config.threshold, dataset=config.dataset)
         return dict(plan) if isinstance(plan, Mapping) else dict(plan.to_dict())
 
+    def prepare(self) -> dict[str, Any]:
+        """The run's plan: made from run.toml and saved in the output dir the first time, read back after."""
+        if not self.planned():
+            plan = self.make_plan()
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.output_dir / PLAN_FILE, plan)
+            write_json_atomic(self.output_dir / STATE_FILE, {"run_id": plan["run_id"],
+                                                             "config_digest": self.config.digest()})
+        return self.plan()
+
+    def dry_run(self, site: int = 0) -> dict[str, Any]:
+        """The exact round function of ``prepare()``'s plan, run here on one site's mock (nothing is sent)."""
+        from researcher.federation import dry_run_on_mock
+
+        return dry_run_on_mock(self.handles()[site], self.prepare())
+
     def submit(self) -> dict[str, str]:
         """Plan once, then ask every site to run the plan's round function; a second call sends nothing new.
 
@@ -204,13 +221,7 @@ class Federation:
         """
         from researcher.federation import submit
 
-        if not self.submitted():
-            plan = self.make_plan()
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(self.output_dir / PLAN_FILE, plan)
-            write_json_atomic(self.output_dir / STATE_FILE, {"run_id": plan["run_id"],
-                                                             "config_digest": self.config.digest()})
-        plan = self.plan()
+        plan = self.prepare()
         outcome = {}
         for handle in self.handles():
             if self._request(handle, str(plan["run_id"])) is not None:
