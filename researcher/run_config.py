@@ -24,8 +24,8 @@ from urllib.parse import urlsplit
 from policies.dp import DPPlan, DPPlanError
 from policies.federated_plan import FederatedPlanError, ModelSpec
 from policies.peers import PeerPinError, check_peer_key
+from researcher.run_template import DEFAULT_PASSWORD_ENV
 
-DEFAULT_PASSWORD_ENV = "FEDSITE_RESEARCHER_PASSWORD"
 _SITE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+")

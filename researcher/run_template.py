@@ -11,7 +11,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from researcher.run_config import DEFAULT_PASSWORD_ENV
+DEFAULT_PASSWORD_ENV = "FEDSITE_RESEARCHER_PASSWORD"  # where run.toml reads the password from unless it says otherwise
 
 
 @dataclass(frozen=True)

@@ -202,3 +202,25 @@ def test_status_renders_each_site_with_the_denial_reason() -> None:
     assert re.search(r"^site-a +approved$", text, re.MULTILINE)
     assert re.search(r"^site-b +denied +too many rounds", text, re.MULTILINE) and "\x1b" not in text
     assert text.endswith("rounds: 1 done of 3")
+
+
+def test_the_report_shows_accuracy_with_its_standard_error_and_epsilon_per_site() -> None:
+    from fedsite.run_cli import render_report
+
+    # Prepare: round 0 without a standard error of its own (binomial over 100 reviews), round 1 with one
+    rounds = [{"round_index": 0, "accuracy": 0.5, "mean_loss": 0.69, "epsilon_spent": {"site-a": 4.0, "site-b": 4.1},
+               "dropped": []},
+              {"round_index": 1, "accuracy": 0.75, "accuracy_se": 0.01, "mean_loss": 0.6,
+               "epsilon_spent": {"site-a": 8.0}, "dropped": ["site-b"]}]
+
+    # Execute
+    text = render_report({"run_id": "run-0123456789ab", "rounds": rounds, "lost": ["round 2: site-c died"]},
+                         test_size=100)
+
+    # Assert
+    lines = text.splitlines()
+    assert lines[0].startswith("run run-0123456789ab: 2 rounds (accuracy on 100 public test reviews, +- its standard")
+    assert lines[1].split() == ["round", "accuracy", "loss", "eps", "site-a", "eps", "site-b"]
+    assert lines[2].split() == ["0", "0.500", "+-", "0.050", "0.6900", "4.000", "4.100"]
+    assert lines[3].split() == ["1", "0.750", "+-", "0.010", "0.6000", "8.000", "-", "dropped:", "site-b"]
+    assert lines[4] == "lost: round 2: site-c died"
