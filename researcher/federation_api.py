@@ -234,7 +234,8 @@ class Federation:
     def status(self) -> RunStatus:
         """Each site's decision on this run's request, and the rounds done so far."""
         run_id = self.run_id()
-        sites = tuple(self._site_status(site, run_id) for site in self.config.sites)
+        connected = self._try_handles()
+        sites = tuple(self._site_status(site.name, connected[site.name], run_id) for site in self.config.sites)
         done, lost = 0, None
         if self.report_path.is_file():
             raw = read_json(self.report_path)
@@ -285,16 +286,27 @@ class Federation:
         ours = [r for r in requests if getattr(getattr(r, "code", None), "service_func_name", None) == name]
         return ours[-1] if ours else None
 
-    def _site_status(self, site: SiteEntry, run_id: str) -> SiteStatus:
-        try:
-            handle = next(h for h in self.handles() if h.name == site.name) if self._handles is not None \
-                else self._connect(site)
-        except FederationError as exc:
-            return SiteStatus(site.name, "unreachable", str(exc))
+    def _try_handles(self) -> dict[str, Any]:
+        """Each site's handle, or the ``FederationError`` that says why it could not be reached."""
+        if self._handles is not None:
+            return {handle.name: handle for handle in self._handles}
+        connected: dict[str, Any] = {}
+        for site in self.config.sites:
+            try:
+                connected[site.name] = self._connect(site)
+            except FederationError as exc:
+                connected[site.name] = exc
+        if not any(isinstance(value, FederationError) for value in connected.values()):
+            self._handles = list(connected.values())  # every site answered: log in once per Federation
+        return connected
+
+    def _site_status(self, name: str, handle: Any, run_id: str) -> SiteStatus:
+        if isinstance(handle, FederationError):
+            return SiteStatus(name, "unreachable", str(handle))
         request = self._request(handle, run_id)
         if request is None:
-            return SiteStatus(site.name, "not submitted", "no request for this run: `fedsite run submit`")
+            return SiteStatus(name, "not submitted", "no request for this run: `fedsite run submit`")
         with quiet():
             state = _SYFT_STATES.get(str(request.status).rsplit(".", 1)[-1].lower(), str(request.status))
             reason = str(request.deny_reason) if state == "denied" and getattr(request, "deny_reason", None) else None
-        return SiteStatus(site.name, state, reason)
+        return SiteStatus(name, state, reason)

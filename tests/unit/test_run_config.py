@@ -224,3 +224,24 @@ def test_the_report_shows_accuracy_with_its_standard_error_and_epsilon_per_site(
     assert lines[2].split() == ["0", "0.500", "+-", "0.050", "0.6900", "4.000", "4.100"]
     assert lines[3].split() == ["1", "0.750", "+-", "0.010", "0.6000", "8.000", "-", "dropped:", "site-b"]
     assert lines[4] == "lost: round 2: site-c died"
+
+
+def test_a_site_that_does_not_answer_shows_as_unreachable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedsite.processes import free_port
+
+    # Prepare: a submitted run whose sites listen nowhere
+    monkeypatch.setenv("FEDSITE_RESEARCHER_PASSWORD", "not-used")
+    closed = [TemplateSite(s.name, f"http://127.0.0.1:{free_port()}", s.identity_key) for s in SITES]
+    federation = Federation.from_toml(write(tmp_path, render_run_toml(sites=closed, imdb="imdb")))
+    federation.output_dir.mkdir()
+    (federation.output_dir / "run.json").write_text(
+        f'{{"run_id": "run-0123456789ab", "config_digest": "{federation.config.digest()}"}}')
+    (federation.output_dir / "plan.json").write_text('{"run_id": "run-0123456789ab", "dp": {"rounds": 3}}')
+
+    # Execute
+    status = federation.status()
+
+    # Assert: both unreachable, each with the connection's reason; nothing trained
+    assert [(s.site, s.state) for s in status.sites] == [("site-a", "unreachable"), ("site-b", "unreachable")]
+    assert all(s.reason and s.reason.startswith(f"{s.site}: ") for s in status.sites), status.sites
+    assert (status.rounds_done, status.rounds_planned, status.rounds_lost) == (0, 3, None)
