@@ -56,6 +56,13 @@ def cmd_init(args: argparse.Namespace) -> None:
         raise FedsiteError(f"{path} exists: `fedsite run init` never overwrites; pass another PATH or remove it")
     imdb = args.imdb or os.environ.get("FEDSITE_IMDB") or "data/imdb"
     text = render_run_toml(sites=args.site, imdb=imdb, email=args.email, output_dir=args.output_dir, quick=args.quick)
+    if args.site:  # the sites given must make a file that loads: check before writing anything
+        import tomllib
+
+        from researcher.run_config import parse_run_config
+
+        with _as_cli_errors():
+            parse_run_config(tomllib.loads(text), path.resolve())
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "x", encoding="utf-8") as handle:  # "x": never replace a file that appeared meanwhile
         handle.write(text)

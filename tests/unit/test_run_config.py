@@ -245,3 +245,12 @@ def test_a_site_that_does_not_answer_shows_as_unreachable(tmp_path: Path, monkey
     assert [(s.site, s.state) for s in status.sites] == [("site-a", "unreachable"), ("site-b", "unreachable")]
     assert all(s.reason and s.reason.startswith(f"{s.site}: ") for s in status.sites), status.sites
     assert (status.rounds_done, status.rounds_planned, status.rounds_lost) == (0, 3, None)
+
+
+def test_init_refuses_sites_that_would_not_load(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "run.toml"
+    code = main(["run", "init", str(target), f"--site=site-a,http://127.0.0.1,{KEY_A}",
+                 f"--site=site-b,http://127.0.0.1:8082,{KEY_B}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "'sites #1.url' 'http://127.0.0.1' must be http(s)://HOST:PORT" in err
+    assert not target.exists()
