@@ -22,13 +22,18 @@ DEFAULT_TOML = "run.toml"
 @contextmanager
 def _as_cli_errors() -> Iterator[None]:
     """The researcher side's refusals, as the CLI's one-line errors."""
+    from policies.federated_plan import FederatedPlanError
+    from policies.submission import SubmissionError
+    from researcher.calibration import CalibrationError
+    from researcher.evaluation import EvaluationError
     from researcher.federation import RoundFailedError, SiteRefusedError
     from researcher.federation_api import FederationError
     from researcher.run_config import RunConfigError
 
     try:
         yield
-    except (RunConfigError, FederationError, SiteRefusedError, RoundFailedError) as exc:
+    except (RunConfigError, FederationError, SiteRefusedError, RoundFailedError, SubmissionError, FederatedPlanError,
+            EvaluationError, CalibrationError) as exc:
         raise FedsiteError(str(exc)) from None
 
 

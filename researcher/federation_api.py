@@ -163,9 +163,15 @@ class Federation:
 
     # ---- the four steps ---------------------------------------------------------------------------
 
+    def _check_imdb(self) -> None:
+        if not (self.config.imdb / "test.parquet").is_file():
+            raise FederationError(f"[evaluation] imdb = {self.config.imdb} holds no test.parquet: point it at the "
+                                  "folder with IMDB's test split (public data)")
+
     def public_texts(self) -> list[str]:
         public = self.config.public
         if public.imdb_test_reviews:
+            self._check_imdb()
             from researcher.evaluation import load_test_subset
 
             frame = load_test_subset(self.config.imdb, public.imdb_test_reviews, seed=PUBLIC_SEED)
@@ -247,6 +253,7 @@ class Federation:
         """Run (or resume) the rounds once every site approved; returns the ``RunReport``."""
         from researcher.trainer import FederatedTrainer, TrainerSettings
 
+        self._check_imdb()
         status = self.status()
         waiting = status.not_approved()
         if waiting:

@@ -254,3 +254,20 @@ def test_init_refuses_sites_that_would_not_load(tmp_path: Path, capsys: pytest.C
     err = capsys.readouterr().err
     assert code == 2 and "'sites #1.url' 'http://127.0.0.1' must be http(s)://HOST:PORT" in err
     assert not target.exists()
+
+
+def test_train_without_the_public_test_data_names_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare: a planned run whose [evaluation] imdb folder is empty
+    path = write(tmp_path, template())
+    federation = Federation.from_toml(path)
+    federation.output_dir.mkdir()
+    (federation.output_dir / "run.json").write_text(
+        f'{{"run_id": "run-0123456789ab", "config_digest": "{federation.config.digest()}"}}')
+    (federation.output_dir / "plan.json").write_text('{"run_id": "run-0123456789ab"}')
+
+    # Execute
+    code = main(["run", "train", str(path)])
+
+    # Assert: refused before any site is contacted
+    err = capsys.readouterr().err
+    assert code == 2 and f"[evaluation] imdb = {tmp_path / 'imdb'} holds no test.parquet: point it at" in err
