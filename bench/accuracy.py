@@ -41,11 +41,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasites.data import load_imdb
 from datasites.partition import partition_indices
+from models import (
+    DEFAULT_MODEL,
+    SENTIMENT_PROMPTS,
+    build_from_spec,
+    encode_texts,
+    load_tokenizer,
+    recipe_tail_tokens,
+    trim_padding,
+    with_public_start,
+)
 from policies.accounting import calibrate_noise_multiplier, epsilon_of
-from policies.dp import CalibratedPlan, DPPlan, _trim_padding, encode_texts, recipe_tail_tokens, train_dp_sgd
+from policies.dp import CalibratedPlan, DPPlan, train_dp_sgd
 from researcher.calibration import calibrate_bias
 from researcher.evaluation import load_test_subset
-from researcher.models import SENTIMENT_PROMPTS, build_from_spec, load_tokenizer, with_public_start
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "imdb"
 
@@ -100,7 +109,7 @@ def _spec(args: argparse.Namespace, *, private: bool) -> dict[str, Any]:
     private = private or args.np_start == "dp"
     trainable = {"kind": args.trainable, "top_k": args.top_k, "lora_rank": args.lora_rank,
                  "lora_alpha": 2 * args.lora_rank, "lora_targets": list(args.lora_targets)}
-    spec: dict[str, Any] = {"name": args.model, "trainable": trainable, "seed": args.seed, "pooling": args.pooling}
+    spec: dict[str, Any] = {"name": args.model or DEFAULT_MODEL, "trainable": trainable, "seed": args.seed, "pooling": args.pooling}
     if private:
         spec["dropout"] = args.dropout
     if args.pooling != "mean":
@@ -140,7 +149,7 @@ def evaluate(model: nn.Module, dataset: TensorDataset, args: argparse.Namespace,
     model.eval()
     correct = 0
     for input_ids, attention_mask, labels in DataLoader(dataset, batch_size=args.eval_batch):
-        input_ids, attention_mask = _trim_padding(input_ids.to(device), attention_mask.to(device))
+        input_ids, attention_mask = trim_padding(input_ids.to(device), attention_mask.to(device))
         with _autocast(args, device):
             logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         correct += int((logits.argmax(dim=-1).cpu() == labels).sum())
@@ -155,7 +164,7 @@ def train_non_private(model: nn.Module, dataset: TensorDataset, steps: int, args
     while done < steps:
         for batch in DataLoader(dataset, batch_size=args.batch, shuffle=True, generator=generator):
             for chunk in zip(*(t.split(args.physical_batch) for t in batch), strict=True):
-                input_ids, attention_mask = _trim_padding(chunk[0].to(device), chunk[1].to(device))
+                input_ids, attention_mask = trim_padding(chunk[0].to(device), chunk[1].to(device))
                 with _autocast(args, device):
                     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
                 loss = nn.functional.cross_entropy(logits.float(), chunk[2].to(device), reduction="sum")
@@ -243,7 +252,7 @@ def table(rows: list[Row]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="HF name or path (default: packaged all-MiniLM-L6-v2)")
+    parser.add_argument("--model", default=None, help="a Hugging Face name on this machine (default: packaged all-MiniLM-L6-v2)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with train.parquet and test.parquet")
     parser.add_argument("--train-size", type=int, default=25_000)
     parser.add_argument("--test-size", type=int, default=25_000)

@@ -33,8 +33,9 @@ from transformers import BertConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from policies.dp import _dp_training, _physical_step, _trim_padding, trainable_parameters
-from researcher.models import TrainableSet, build_model, tiny_bert_config
+from models import TrainableSet, build_model, tiny_bert_config, trim_padding
+from policies.dp import trainable_parameters
+from policies.dp.engine import _dp_training, _physical_step
 
 ARCHS = {
     # all-MiniLM-L6-v2's config.json (6 layers, hidden 384, 22.7M parameters)
@@ -108,7 +109,7 @@ def _non_private(args: argparse.Namespace, trainable: str, dtype: str, device: t
     amp = DTYPES[dtype]
 
     def step() -> None:
-        input_ids, attention_mask = _trim_padding(batch[0], batch[1])
+        input_ids, attention_mask = trim_padding(batch[0], batch[1])
         input_ids, attention_mask, labels = (t.to(device, non_blocking=True) for t in (input_ids, attention_mask, batch[2]))
         with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
             logits = model(input_ids=input_ids, attention_mask=attention_mask).logits

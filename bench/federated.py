@@ -47,14 +47,13 @@ from datasites.partition import partition_indices  # noqa: E402
 from datasites.review_queue import approve_request, list_requests  # noqa: E402
 from datasites.server import check_site_device  # noqa: E402
 from fedsite.demo import SITE_NAMES, http_sites, in_process_sites  # noqa: E402
+from models import SENTIMENT_PROMPTS, build_from_spec, encode_texts, recipe_tail_tokens, with_public_start  # noqa: E402
 from policies.budget import PrivacyBudget  # noqa: E402
-from policies.dp import encode_texts, recipe_tail_tokens  # noqa: E402
 from policies.site_runtime import timing_log  # noqa: E402
 from researcher.calibration import evaluate_and_calibrate  # noqa: E402
 from researcher.evaluation import load_test_subset  # noqa: E402
 from researcher.fedavg import apply_flat_delta, flatten_trainable  # noqa: E402
 from researcher.federation import SiteHandle, make_plan, submit  # noqa: E402
-from researcher.models import SENTIMENT_PROMPTS, build_from_spec, with_public_centre, with_public_start  # noqa: E402
 from researcher.trainer import FederatedTrainer, TrainerSettings  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "imdb"
@@ -221,8 +220,11 @@ def no_dp_start(args: argparse.Namespace) -> dict[str, Any]:
     the centralised non-private row (``--np-start checkpoint``); or the DP cells' start (``--np-start dp``)."""
     if args.np_start == "dp":
         return dp_start(args, args.np_trainable or args.trainable)
-    return with_public_centre(non_private_spec(args), public_reviews(args), max_length=args.seq_len,
-                              tail_tokens=args.tail_tokens)
+    spec = non_private_spec(args)
+    if spec["pooling"] != "mean":  # a CLS model has no centre
+        return spec
+    return with_public_start(spec, public_reviews(args), label_prompts=None, max_length=args.seq_len,
+                             tail_tokens=args.tail_tokens)
 
 
 def non_private_cell(args: argparse.Namespace, scheme: str) -> Cell:

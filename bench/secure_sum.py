@@ -27,7 +27,8 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from policies.secagg import DropPoint, Roster, RoundContext, SecureSumConfig, run_in_memory_round
+from bench.secagg_local import DropPoint, run_in_memory_round
+from policies.secagg import Roster, RoundContext, SecureSumConfig
 from policies.secagg.crypto import MASK_CHUNK_BYTES, apply_masks
 
 CLIP = 1.0

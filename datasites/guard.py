@@ -39,10 +39,9 @@ class GuardedSite:
 
 def register_site(server_uid: str, *, name: str, data_dir: Path, device: str = "cpu") -> None:
     """Put the site served by ``server_uid`` under the guard and the API gate (installed once per process)."""
-    from datasites.gate import install_gate
+    from datasites.syft_patches import install
 
-    install_guard()
-    install_gate()
+    install()  # the guard and the gate among them: no site is registered, so served, without both
     _sites[server_uid] = GuardedSite(name=name, data_dir=Path(data_dir), device=device)
 
 

@@ -17,6 +17,8 @@ PCG64: partitioning is not a secret, so a statistical generator is right here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -128,4 +130,42 @@ def render_stats(stats: list[SiteStats]) -> str:
         lines.append(f"{s.site:>4} {s.n:>6} {s.positives:>6} {s.n - s.positives:>6}  {s.positive_fraction:8.3f}")
     total = sum(s.n for s in stats)
     lines.append(f"total {total:>5}")
+    return "\n".join(lines)
+
+
+def partition_to_upload(data: str | None, *, imdb: str | None, sites: int | None, site_index: int | None,
+                        scheme: str, seed: int, alpha: float) -> Any:
+    """The reviews ``fedsite admin upload`` uploads: the parquet file ``data``, or partition ``site_index`` of ``sites``."""
+    import pandas as pd
+
+    from datasites.data import load_imdb
+
+    if data:
+        if not Path(data).is_file():
+            raise FedsiteError(f"--data {data} does not exist: pass a parquet file with text and label")
+        return pd.read_parquet(data)
+    if sites is None or site_index is None:
+        raise FedsiteError("pass --data FILE.parquet, or --sites N and --site-index I to take a partition")
+    if not 0 <= site_index < sites:
+        raise FedsiteError(f"--site-index {site_index} is outside 0..{sites - 1}")
+    full = load_imdb(imdb, split="train")
+    parts = partition_indices(full["label"].to_numpy(), n_sites=sites, scheme=scheme, seed=seed, alpha=alpha)
+    return full.iloc[parts[site_index]].reset_index(drop=True)
+
+
+def partition_command(imdb: str | None, *, sites: int, scheme: str, seed: int, alpha: float, stats: bool,
+                      out: str | None) -> str:
+    """``fedsite partition``: the per-site stats (with ``stats``, or without ``out``); with ``out``, the parquet files."""
+    from datasites.data import load_imdb
+
+    reviews = load_imdb(imdb, split="train")
+    labels = reviews["label"].to_numpy()
+    parts = partition_indices(labels, n_sites=sites, scheme=scheme, seed=seed, alpha=alpha)
+    lines = [render_stats(partition_stats(parts, labels))] if stats or not out else []
+    if out:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        for site, rows in enumerate(parts):
+            reviews.iloc[rows].reset_index(drop=True).to_parquet(folder / f"site-{site}.parquet")
+        lines.append(f"wrote {len(parts)} partitions to {folder}/site-<i>.parquet")
     return "\n".join(lines)

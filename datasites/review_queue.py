@@ -17,6 +17,7 @@ from typing import Any
 
 from datasites.errors import FedsiteError
 from datasites.mock import describe_mock_record
+from datasites.request_ids import request_prefix, resolve_request_id
 from datasites.sitedir import SiteDir
 from policies.approvals import Approval, ApprovalRegistry
 from policies.audit import AuditLog, RequestApproved, RequestDenied
@@ -70,7 +71,7 @@ class ReviewReport:
             model = dict(self.plan.model.__dict__)
             if model.get("centre") is not None:  # a fixed input shift, not worth 384 numbers on screen
                 model["centre"] = f"<{len(model['centre'])} values, norm {math.hypot(*model['centre']):.3f}>"
-            if model.get("head_init") is not None:  # the classifier's starting weights (researcher.models.prompt_head)
+            if model.get("head_init") is not None:  # the classifier's starting weights (models.prompt_head)
                 weight = model["head_init"]["weight"]
                 model["head_init"] = f"<{len(weight)} x {len(weight[0])} weights and {len(weight)} biases>"
             lines += [f"plan {self.plan.run_id}: dataset {self.plan.dataset}, model {model}",
@@ -132,18 +133,11 @@ def list_requests(client: Any) -> list[RequestSummary]:
 
 
 def _find(client: Any, request_id: str) -> Any:
-    """The request whose id starts with ``request_id`` (at least 6 hex digits; dashes ignored)."""
-    prefix = request_id.replace("-", "").lower()
-    if len(prefix) < 6:
-        raise FedsiteError(f"request id {request_id!r} is too short: give at least 6 hex digits")
+    """The syft request that ``request_id`` (a full id or a unique prefix) names (``datasites.request_ids``)."""
+    request_prefix(request_id)  # a malformed id is refused before syft is asked
     with quiet():
-        matches = [r for r in client.requests if str(r.id.no_dash).startswith(prefix)]
-    if len(matches) > 1:
-        ids = ", ".join(str(r.id.no_dash)[:12] for r in matches)
-        raise FedsiteError(f"request id {request_id!r} is ambiguous ({ids}): give more digits")
-    if not matches:
-        raise FedsiteError(f"no request {request_id!r} on this site: list them with `fedsite admin requests`")
-    return matches[0]
+        requests = list(client.requests)
+    return resolve_request_id(request_id, requests, lambda request: str(request.id.no_dash))
 
 
 def _policy_problems(code: Any, asset_action_id: str | None) -> list[str]:
@@ -291,13 +285,9 @@ def revoke_approval(site: SiteDir, request_id: str, *, reason: str, admin: str) 
     """Stop an approved run: the execution guard refuses its code from now on (recorded in the audit log)."""
     if not reason.strip():
         raise FedsiteError("a revocation needs a reason the researcher will see: pass --reason '...'")
-    prefix = request_id.replace("-", "").lower()
     registry = ApprovalRegistry(site.path)
-    matches = [a for a in registry.all() if a.request_id.startswith(prefix)] if len(prefix) >= 6 else []
-    if len(matches) != 1:
-        raise FedsiteError(f"{len(matches)} live approvals match {request_id!r}: give at least 6 digits of one "
-                           "approved request id (`fedsite admin audit` lists them)")
-    approval = matches[0]
+    approval = resolve_request_id(request_id, registry.all(), lambda approval: approval.request_id,
+                                  what="live approval", listed_by="`fedsite admin audit`")
     registry.revoke(approval.code_hash, reason=reason, admin=admin)
     AuditLog(site.path).record(RequestDenied(request_id=approval.request_id, code_hash=approval.code_hash,
                                              researcher=approval.researcher, researcher_email=approval.researcher_email,

@@ -12,27 +12,22 @@ unless the owner passes ``insecure_http`` (for a TLS-terminating proxy on the sa
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import secrets
 import signal
-import socket
-import ssl
-import stat
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from datasites.errors import FedsiteError
 from datasites.guard import register_site, unregister_site
+from datasites.http_app import SERVED_ROUTES, make_app
 from datasites.migrate import BACKUP_DIR, migrate_format1, researcher_ids
 from datasites.secrets import check_password_strength
-from datasites.server_errors import relay_unexpected_server_errors
 from datasites.sitedir import FORMAT, SiteDir, SiteMeta, check_site_name
-from datasites.syft_speedups import install_syft_speedups
+from datasites.syft_patches import install as install_syft_patches
+from datasites.transport import check_port_free, check_tls_files, check_transport, is_loopback
 from policies.submission import load_runtime
-from policies.syft_client import SiteConnectionError, prepare_syft_environment, quiet
+from policies.syft_client import SiteConnectionError, quiet
 from policies.syft_client import login as client_login
 
 DEFAULT_HOST = "127.0.0.1"
@@ -68,7 +63,6 @@ def check_site_device(device: str) -> str:
 
 
 def _prepare_syft_environment() -> None:
-    prepare_syft_environment()
     for variable in ("SERVER_UID", "SERVER_PRIVATE_KEY"):  # would override the data dir's identity
         os.environ.pop(variable, None)
 
@@ -87,77 +81,6 @@ def open_site_dir(data_dir: str | os.PathLike[str], *, name: str | None, admin_e
         if site.path.exists() and any(site.path.iterdir()):
             site.meta()
     return site
-
-
-def check_port_free(host: str, port: int) -> None:
-    if not 0 < port < 65536:
-        raise FedsiteError(f"--port {port} is out of range: use 1024-65535")
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise FedsiteError(f"port {port} on {host} is in use ({exc.strerror}): choose another --port") from None
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` is reachable only from this machine (localhost, 127.0.0.0/8, ::1)."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: it may resolve to anything
-        return False
-
-
-def check_transport(
-    host: str, *, tls_cert: str | os.PathLike[str] | None, tls_key: str | os.PathLike[str] | None,
-    insecure_http: bool,
-) -> str:
-    """The scheme a site serves (``https`` or ``http``) under the flags given; refuses unsafe or unclear ones.
-
-    Plain HTTP on an address other machines reach would send passwords and session keys in clear, so
-    a non-loopback ``host`` needs TLS or an explicit ``insecure_http``. The TLS files are checked here,
-    before the site starts: both given, present, the key not readable by every user, and loadable as a
-    certificate with its key.
-    """
-    if (tls_cert is None) != (tls_key is None):
-        raise FedsiteError("--tls-cert and --tls-key go together: pass both (the certificate chain and its "
-                           "private key, PEM)")
-    if tls_cert is not None and tls_key is not None:
-        if insecure_http:
-            raise FedsiteError("--insecure-http contradicts --tls-cert/--tls-key: drop one of them")
-        check_tls_files(Path(tls_cert), Path(tls_key))
-        return "https"
-    if not is_loopback(host) and not insecure_http:
-        raise FedsiteError(
-            f"--host {host} is reachable from other machines, and plain HTTP sends the admin's and researchers' "
-            "passwords and session keys in clear: pass --tls-cert CERT.pem --tls-key KEY.pem, or listen on "
-            "127.0.0.1 (behind a TLS proxy), or accept the risk with --insecure-http"
-        )
-    return "http"
-
-
-def check_tls_files(cert: Path, key: Path) -> None:
-    """Refuse a missing certificate or key, a key file every user can read, or a pair that does not load."""
-    for flag, path in (("--tls-cert", cert), ("--tls-key", key)):
-        if not path.is_file():
-            raise FedsiteError(f"{flag} {path} does not exist: pass the PEM file")
-    mode = stat.S_IMODE(key.stat().st_mode)
-    if mode & stat.S_IRWXO:
-        raise FedsiteError(f"--tls-key {key} is mode {mode:04o}, readable by every user of this machine: "
-                           f"`chmod 600 {key}`")
-    try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=_refuse_key_password)
-    except ssl.SSLError as exc:
-        raise FedsiteError(f"--tls-cert {cert} and --tls-key {key} do not load as a certificate and its private "
-                           f"key ({exc.reason or exc}): pass the PEM certificate chain and the key it was made "
-                           "for") from None
-
-
-def _refuse_key_password() -> bytes:
-    raise FedsiteError("the --tls-key file is encrypted, and `fedsite serve` cannot ask for its passphrase: "
-                       "store it decrypted and chmod 600 (`openssl pkey -in KEY -out KEY.plain`)")
 
 
 def _create_private_files() -> None:
@@ -186,6 +109,7 @@ def build_datasite(site: SiteDir, *, admin_password: str, db_url: str | None = N
     """The syft Datasite for this data dir (its own identity, store and blobs)."""
     meta = site.meta(current=False)
     _prepare_syft_environment()
+    install_syft_patches()  # checks the syft version before syft builds anything
     with quiet():
         from syft.server.credentials import SyftSigningKey
         from syft.server.datasite import Datasite
@@ -212,8 +136,6 @@ def build_datasite(site: SiteDir, *, admin_password: str, db_url: str | None = N
             n_consumers=n_consumers,
             create_producer=n_consumers > 0,
         )
-    install_syft_speedups()
-    relay_unexpected_server_errors()
     _enforce_no_signup(worker)
     return worker
 
@@ -378,7 +300,7 @@ def serve(
     )
     try:
         print(f"loaded the round runtime (torch, transformers, opacus, peft) in {load_runtime():.1f} s", flush=True)
-        app = _make_app(running.worker)
+        app = make_app(running.worker)
         running.site.record_serving(host=host, port=port, scheme=scheme)
         if scheme == "http" and not is_loopback(host):
             _warn_insecure_http(host, port)
@@ -405,66 +327,6 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(0)
 
 
-# syft's HTTP routes a site serves (under /api/v2), each with why. Every API call enters through
-# /api_call and meets the site's gate (datasites.gate); the rest of syft's routes are not mounted:
-# /register and the password-reset pair (accounts are the admin's business: `fedsite admin
-# add-researcher`), and /stream/{peer}/..., an unauthenticated proxy to a peer's blob route (a site has no peers).
-SERVED_ROUTES = {
-    "/": "liveness: answers {'status': 'ok'}",
-    "/metadata": "the site's public metadata (name, id, versions), read by every client before login",
-    "/metadata_capnp": "the same metadata in syft's binary form, which syft's client asks for",
-    "/api": "the API description of a key's role, which the client fetches after login",
-    "/api_call": "every signed API call: the gate checks each one before syft dispatches it",
-}
-
-
-def _make_app(worker: Any) -> Any:
-    """syft's HTTP API for ``worker`` (as syft.server.uvicorn.app_factory builds it), without CORS, with only
-    ``SERVED_ROUTES`` and a /login that does not tell an unknown e-mail from a wrong password."""
-    from fastapi import APIRouter, FastAPI
-    from syft.server.routes import make_routes
-
-    app = FastAPI(title=worker.name, docs_url=None, redoc_url=None, openapi_url=None)  # no self-description
-    api_router = APIRouter()
-    for route in make_routes(worker=worker).routes:
-        if getattr(route, "path", None) in SERVED_ROUTES:
-            api_router.routes.append(route)
-    api_router.add_api_route("/login", _login_route(worker), methods=["POST"], name="login")
-    app.include_router(api_router, prefix="/api/v2")
-    return app
-
-
-def _login_route(worker: Any) -> Any:
-    """syft's /login, answering every failure alike: syft says "Item not found." for an unknown e-mail and
-    "Invalid credentials." for a wrong password, which lets anyone list the site's accounts."""
-    from typing import Annotated
-
-    from fastapi import Body, Response
-    from syft.serde.serialize import _serialize as serialize
-    from syft.server.credentials import UserLoginCredentials
-    from syft.service.context import UnauthedServiceContext
-    from syft.service.response import SyftError
-    from syft.service.user.user import UserPrivateKey, check_pwd, salt_and_hash_password
-    from syft.types.errors import SyftException
-
-    # syft checks the password (bcrypt, cost 12: ~0.3 s) only for an e-mail it knows; an unknown one answers at
-    # once. Checking against this hash then makes both take as long.
-    _, unknown_user_hash = salt_and_hash_password(secrets.token_urlsafe(18), 12)
-
-    def login(email: str, password: str) -> Response:
-        response: Any = SyftError(message="Invalid credentials.")
-        try:
-            credentials = UserLoginCredentials(email=email, password=password)
-            context = UnauthedServiceContext(server=worker, login_credentials=credentials)
-            if worker.services.user.stash.email_exists(email=email).unwrap() is not True:
-                check_pwd(password, unknown_user_hash)
-            result = worker.services.user.exchange_credentials(context=context).value
-            if isinstance(result, UserPrivateKey):
-                response = result
-        except (SyftException, ValueError):
-            pass  # the same answer for an unknown e-mail, a wrong password and a malformed request
-        return Response(serialize(response, to_bytes=True), media_type="application/octet-stream")
-
-    # FastAPI reads the annotations; this module's are strings (PEP 563), so give it the objects
-    login.__annotations__ = {"email": Annotated[str, Body()], "password": Annotated[str, Body()], "return": Response}
-    return login
+__all__ = ["SERVED_ROUTES", "InProcessSite", "check_port_free", "check_site_device", "check_tls_files",
+           "check_transport", "default_admin_email", "is_loopback", "launch_in_process", "login", "make_app",
+           "open_site_dir", "quiet", "serve"]

@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import sys
 
+from policies.syft_patches import is_verbose
+
 logger = logging.getLogger("fedsite.site")
 
 _SYFT_SERVER_LOGGER = "syft.server.server"
@@ -31,7 +33,7 @@ class _HiddenErrorRelay(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.CRITICAL:
-            return True  # what syft's root level let through before
+            return is_verbose()  # what syft's root level let through before, shown only with --verbose
         if record.getMessage().startswith(_HIDDEN):
             # syft logs from inside its ``except`` block, so the exception is the one being handled here
             _relay(sys.exc_info()[1])

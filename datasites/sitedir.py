@@ -24,7 +24,7 @@ by another account on the machine is a leak that no review or privacy budget can
 0o077.
 
 syft 0.9.5 gives a server a random identity unless one is supplied, and a restart with another
-key on the same database crashes (SYFT_NOTES.md, "Persistence"); so the identity is created once,
+key on the same database crashes (docs/syft.md, "Servers and identity"); so the identity is created once,
 here, and every later start reuses it.
 """
 
@@ -71,7 +71,7 @@ class SiteMeta:
 
     format: int  # layout version of the data dir
     name: str  # the site's name, as researchers see it
-    server_uid: str  # uuid4 hex; syft's server id (must be uuid4 hex, SYFT_NOTES.md)
+    server_uid: str  # uuid4 hex; syft's server id (must be uuid4 hex, docs/syft.md)
     admin_email: str  # the root admin's login
     created: str  # UTC ISO time of creation
 

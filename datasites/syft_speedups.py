@@ -7,8 +7,8 @@ or a byte can never be a syft object. A site reads its private partition from bl
 times in every execution of approved code (syft loads the asset to check the input policy, to split
 the private and mock twins, and to flatten the arguments), and each read's result carries the
 partition's bytes: with 1,000 reviews (0.84 MB) the walks cost ~0.9 s of CPU per call at each site,
-about half of each secure-sum stage's time over HTTP (profiled with py-spy; SYFT_NOTES.md measured
-the same walk on an 88 MB state dict).
+about half of each secure-sum stage's time over HTTP (profiled with py-spy; docs/syft.md has the
+same walk on an 88 MB state dict).
 
 ``attach_attributes`` below does exactly what syft's function does and skips only those scalar
 sequences, whose elements the original inspects and leaves alone.

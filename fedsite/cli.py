@@ -4,24 +4,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import string
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
+from datasites.admin_views import render_approval, render_ledgers, render_requests
 from datasites.errors import FedsiteError
+from datasites.request_ids import MIN_PREFIX, SHORT_ID, find_request, pending_request, request_prefix
 from fedsite.run_cli import add_run_parser
+from policies.syft_patches import SyftVersionError
 
 RESEARCHER_PASSWORD_ENV = "FEDSITE_RESEARCHER_PASSWORD"
-
-
-def printable(text: str) -> str:
-    """Researchers' text (function names, e-mails, audit reasons) without terminal escapes (policies.review)."""
-    from policies.review import printable as escape
-
-    return escape(text)
 
 
 def _add_partition_flags(parser: argparse.ArgumentParser, *, required: bool) -> None:
@@ -33,20 +26,10 @@ def _add_partition_flags(parser: argparse.ArgumentParser, *, required: bool) -> 
 
 
 def cmd_partition(args: argparse.Namespace) -> None:
-    from datasites.data import load_imdb
-    from datasites.partition import partition_indices, partition_stats, render_stats
+    from datasites.partition import partition_command
 
-    reviews = load_imdb(args.imdb, split="train")
-    parts = partition_indices(reviews["label"].to_numpy(), n_sites=args.sites, scheme=args.scheme,
-                              seed=args.seed, alpha=args.alpha)
-    if args.stats or not args.out:
-        print(render_stats(partition_stats(parts, reviews["label"].to_numpy())))
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        for site, rows in enumerate(parts):
-            reviews.iloc[rows].reset_index(drop=True).to_parquet(out / f"site-{site}.parquet")
-        print(f"wrote {len(parts)} partitions to {out}/site-<i>.parquet")
+    print(partition_command(args.imdb, sites=args.sites, scheme=args.scheme, seed=args.seed, alpha=args.alpha,
+                            stats=args.stats, out=args.out))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -87,30 +70,16 @@ def cmd_add_researcher(args: argparse.Namespace) -> None:
 
 
 def cmd_upload(args: argparse.Namespace) -> None:
-    import pandas as pd
-
     from datasites.admin import upload_partition
-    from datasites.data import load_imdb
-    from datasites.partition import partition_indices
+    from datasites.partition import partition_to_upload
     from policies.budget import BudgetError, PrivacyBudget
 
     try:
         budget = PrivacyBudget(epsilon=args.epsilon, delta=args.delta)
     except BudgetError as exc:
         raise FedsiteError(str(exc)) from None
-    if args.data:
-        if not Path(args.data).is_file():
-            raise FedsiteError(f"--data {args.data} does not exist: pass a parquet file with text and label")
-        reviews = pd.read_parquet(args.data)
-    else:
-        if args.sites is None or args.site_index is None:
-            raise FedsiteError("pass --data FILE.parquet, or --sites N and --site-index I to take a partition")
-        if not 0 <= args.site_index < args.sites:
-            raise FedsiteError(f"--site-index {args.site_index} is outside 0..{args.sites - 1}")
-        full = load_imdb(args.imdb, split="train")
-        parts = partition_indices(full["label"].to_numpy(), n_sites=args.sites, scheme=args.scheme,
-                                  seed=args.seed, alpha=args.alpha)
-        reviews = full.iloc[parts[args.site_index]].reset_index(drop=True)
+    reviews = partition_to_upload(args.data, imdb=args.imdb, sites=args.sites, site_index=args.site_index,
+                                  scheme=args.scheme, seed=args.seed, alpha=args.alpha)
     site, client = _admin_client(args)
     report = upload_partition(client, site, dataset=args.dataset, reviews=reviews, budget=budget,
                               mock_seed=args.mock_seed, mock_epsilon=args.mock_epsilon)
@@ -128,53 +97,6 @@ def cmd_budget(args: argparse.Namespace) -> None:
 
 # ---- reviewing requests (the site must be running) ---------------------------------------------
 
-MIN_REQUEST_PREFIX = 6
-SHORT_ID = 12
-
-
-def _request_prefix(given: str) -> str:
-    """A request id or prefix, normalised; checked before any connection is made."""
-    prefix = given.replace("-", "").lower()
-    if len(prefix) < MIN_REQUEST_PREFIX or any(c not in string.hexdigits for c in prefix):
-        raise FedsiteError(f"request id {given!r} must be at least {MIN_REQUEST_PREFIX} hex digits: "
-                           "copy it from `fedsite admin requests`")
-    return prefix
-
-
-def _resolve_request(client: Any, prefix: str) -> Any:
-    """The one request whose id starts with ``prefix``; an ambiguous prefix names every match."""
-    from datasites.review_queue import list_requests
-
-    matches = [r for r in list_requests(client) if r.request_id.startswith(prefix)]
-    if not matches:
-        raise FedsiteError(f"no request {prefix!r} on this site: list them with `fedsite admin requests`")
-    if len(matches) > 1:
-        ids = ", ".join(r.request_id for r in matches)
-        raise FedsiteError(f"request id {prefix!r} is ambiguous, it matches {len(matches)} requests ({ids}): "
-                           "give more digits")
-    return matches[0]
-
-
-def _pending_request(client: Any, prefix: str) -> Any:
-    """Only a pending request may be decided; a decided one is never silently decided again."""
-    summary = _resolve_request(client, prefix)
-    if summary.status != "pending":
-        raise FedsiteError(f"request {summary.request_id[:SHORT_ID]} is already {summary.status}: "
-                           "only pending requests can be approved or denied")
-    return summary
-
-
-def render_requests(site_name: str, requests: Sequence[Any]) -> str:
-    """The table of ``fedsite admin requests``."""
-    if not requests:
-        return f"site {site_name}: no requests yet"
-    lines = [f"site {site_name}",
-             f"{'request':<{SHORT_ID}}  {'function':<30} {'researcher (e-mail, id)':<45} status"]
-    lines += [f"{r.request_id[:SHORT_ID]}  {r.function:<30} {f'{r.researcher_email} {r.researcher[:12]}':<45} {r.status}"
-              for r in requests]
-    return printable("\n".join(lines))
-
-
 def cmd_requests(args: argparse.Namespace) -> None:
     from datasites.review_queue import list_requests
 
@@ -185,27 +107,19 @@ def cmd_requests(args: argparse.Namespace) -> None:
 def cmd_show(args: argparse.Namespace) -> None:
     from datasites.review_queue import review_request
 
-    prefix = _request_prefix(args.request_id)
+    request_prefix(args.request_id)  # a malformed id is refused before logging in
     site, client = _admin_client(args)
-    summary = _resolve_request(client, prefix)
+    summary = find_request(client, args.request_id)
     print(review_request(client, site, summary.request_id, with_dry_run=not args.no_dry_run).render_text())
-
-
-def render_approval(approval: Any) -> str:
-    calibrated, dp = approval.calibrated, approval.plan["dp"]
-    return (f"approved request {approval.request_id[:SHORT_ID]} from {approval.researcher} on {approval.dataset}: "
-            f"run {approval.plan['run_id']}, {dp['rounds']} rounds x {dp['local_steps']} local steps, noise "
-            f"multiplier {calibrated['noise_multiplier']:.3f}, projected epsilon "
-            f"{calibrated['projected_epsilon']:.3f} of budget {calibrated['budget_epsilon']:g}")
 
 
 def cmd_approve(args: argparse.Namespace) -> None:
     from datasites.review_queue import approve_request
     from policies.approvals import ExecutionRefusedError
 
-    prefix = _request_prefix(args.request_id)
+    request_prefix(args.request_id)  # a malformed id is refused before logging in
     site, client = _admin_client(args)
-    summary = _pending_request(client, prefix)
+    summary = pending_request(client, args.request_id)
     try:
         approval = approve_request(client, site, summary.request_id, admin=site.meta().admin_email)
     except ExecutionRefusedError as exc:
@@ -216,9 +130,9 @@ def cmd_approve(args: argparse.Namespace) -> None:
 def cmd_deny(args: argparse.Namespace) -> None:
     from datasites.review_queue import deny_request
 
-    prefix = _request_prefix(args.request_id)
+    request_prefix(args.request_id)  # a malformed id is refused before logging in
     site, client = _admin_client(args)
-    summary = _pending_request(client, prefix)
+    summary = pending_request(client, args.request_id)
     deny_request(client, site, summary.request_id, reason=args.reason, admin=site.meta().admin_email)
     print(f"denied request {summary.request_id[:SHORT_ID]} ({summary.function}) from {summary.researcher}; "
           f"they see the reason: {args.reason}")
@@ -236,146 +150,10 @@ def cmd_revoke(args: argparse.Namespace) -> None:
 
 # ---- auditing (reads the data dir; the site need not run) ---------------------------------------
 
-# The fields of an audit event worth a column, in print order; hashes and ids are shortened.
-_EVENT_FIELDS = ("request_id", "researcher", "dataset", "admin", "epsilon", "delta", "output_sha256", "code_hash",
-                 "reason")
-_SHORTENED = {"request_id", "output_sha256", "code_hash"}
-_ANCHOR = re.compile(r"(?P<count>[0-9]+):(?P<digest>[0-9a-f]{64})")
-
-
-def _parse_anchor(text: str) -> Any:
-    """``N:HASH`` as written down from an earlier ``audit --verify``."""
-    from policies.audit import AuditHead
-
-    match = _ANCHOR.fullmatch(text)
-    if match is None:
-        raise FedsiteError(f"--anchor {text!r} is not N:HASH (entries, then 64 lowercase hex digits): copy it from "
-                           "the `write down this anchor` line of an earlier `fedsite admin audit --verify`")
-    return AuditHead(int(match["count"]), match["digest"])
-
-
-def render_event(number: int, event: Any) -> str:
-    """One audit event: its line number, time, kind, round and key fields."""
-    record = event.to_record()
-    round_ = record.get("round")
-    fields = [f"{name}={str(record[name])[:SHORT_ID] if name in _SHORTENED else record[name]}"
-              for name in _EVENT_FIELDS if name in record]
-    return (f"{number:>5}  {event.timestamp[:19]}Z  {event.kind:<20} "
-            f"{'-' if round_ is None else round_:>5}  {' '.join(fields)}")
-
-
-def render_events(events: Sequence[Any]) -> str:
-    if not events:
-        return "the audit log is empty"
-    header = f"{'line':>5}  {'time (UTC)':<20}  {'kind':<20} {'round':>5}  fields"
-    return printable("\n".join([header, *(render_event(n, e) for n, e in enumerate(events, start=1))]))
-
-
-def _ledgers(site: Any) -> list[Any]:
-    """Every privacy ledger of the site, opened with the accountant it was written with."""
-    from policies.durable import site_journal
-    from policies.ledger import LEDGER_DIR, PrivacyLedger
-
-    ledgers = []
-    for path in sorted((site.path / LEDGER_DIR).glob("*/*.jsonl")):
-        try:
-            entries = site_journal(site.path, path.relative_to(site.path)).entries()
-            accountant = str(entries[0].record["accountant"]) if entries else "prv"
-            ledgers.append(PrivacyLedger(site.path, path.parent.name, path.stem, site=site.meta().name,
-                                         accountant=accountant))
-        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
-            raise FedsiteError(f"privacy ledger {path} failed verification: {exc}") from None
-    return ledgers
-
-
-def _spent_and_budget(ledger: Any) -> tuple[float, float]:
-    from policies.budget import BudgetError
-
-    try:
-        return ledger.spent(), ledger.budget.epsilon
-    except BudgetError as exc:
-        raise FedsiteError(f"privacy ledger {ledger.path}: {exc}") from None
-
-
-def render_ledgers(site: Any) -> str:
-    """The table of ``fedsite admin ledger``: what each researcher spent of each dataset's budget."""
-    ledgers = _ledgers(site)
-    if not ledgers:
-        return f"site {site.meta().name}: no privacy spent yet"
-    emails = _researcher_emails(site)
-    lines = [f"site {site.meta().name}",
-             f"{'dataset':<16} {'researcher (id, e-mail)':<50} {'records':>7} {'spent':>9} {'budget':>9}"]
-    for ledger in ledgers:
-        spent, budget = _spent_and_budget(ledger)
-        who = f"{ledger.researcher} {emails.get(ledger.researcher, '?')}"
-        lines.append(f"{ledger.dataset:<16} {who:<50} {len(ledger.records()):>7} {spent:>9.4f} {budget:>9g}")
-    return "\n".join(lines)
-
-
-def _researcher_emails(site: Any) -> dict[str, str]:
-    """Each researcher id's e-mail as its latest approval recorded it (ledgers are keyed by id only)."""
-    from policies.approvals import ApprovalRegistry
-
-    emails = {}
-    for entry in ApprovalRegistry(site.path).journal.entries():
-        record = entry.record
-        if record.get("kind") == "approval":
-            emails[str(record["researcher"])] = str(record["researcher_email"])
-    return emails
-
-
-def _verify_ledgers(site: Any) -> list[str]:
-    """Replay every ledger: the chain, and each stored epsilon recomputed from the events."""
-    from policies.durable import JournalCorruptError
-    from policies.ledger import LedgerReplayError
-
-    lines = []
-    for ledger in _ledgers(site):
-        try:
-            records = ledger.replay()
-        except (LedgerReplayError, JournalCorruptError) as exc:
-            raise FedsiteError(f"privacy ledger failed verification: {exc}") from None
-        spent, budget = _spent_and_budget(ledger)
-        lines.append(f"privacy ledger {ledger.dataset} / {ledger.researcher}: {len(records)} records replayed, "
-                     f"spent epsilon {spent:.4f} of budget {budget:g}")
-    return lines or ["no privacy ledgers yet"]
-
-
-def _verify_approvals(site: Any) -> str:
-    from policies.approvals import ApprovalRegistry
-    from policies.durable import JournalCorruptError
-
-    journal = ApprovalRegistry(site.path).journal
-    try:
-        count = journal.verify()
-    except JournalCorruptError as exc:
-        raise FedsiteError(f"approvals journal failed verification: {exc}") from None
-    return f"approvals journal {journal.path}: {count} entries, chain intact"
-
-
-def _verify_all(site: Any, log: Any, anchor: Any) -> str:
-    report = log.verify(anchor=anchor)
-    return "\n".join([report.render_text(), _verify_approvals(site), *_verify_ledgers(site),
-                      f"write down this anchor: --anchor {report.head.n_entries}:{report.head.last_hash}"])
-
-
 def cmd_audit(args: argparse.Namespace) -> None:
-    from datasites.sitedir import SiteDir
-    from policies.audit import AuditIntegrityError, AuditLog
+    from datasites.admin_views import audit_report
 
-    if args.anchor is not None and not args.verify:
-        raise FedsiteError("--anchor is checked only by --verify: pass both")
-    anchor = _parse_anchor(args.anchor) if args.anchor is not None else None
-    site = SiteDir(args.data_dir)
-    site.meta()
-    log = AuditLog(site.path)
-    try:
-        print(render_events(log.events()))
-        if args.verify:
-            print()
-            print(_verify_all(site, log, anchor))
-    except AuditIntegrityError as exc:
-        raise FedsiteError(f"{exc}: restore audit.jsonl from a backup and find out who changed it") from None
+    print(audit_report(args.data_dir, verify=args.verify, anchor=args.anchor))
 
 
 def cmd_identity(args: argparse.Namespace) -> None:
@@ -387,25 +165,10 @@ def cmd_identity(args: argparse.Namespace) -> None:
 
 
 def cmd_peers(args: argparse.Namespace) -> None:
-    from datasites.admin import render_peers
-    from datasites.sitedir import SiteDir
-    from policies.peers import PeerPinError, PeerPins
+    from datasites.admin_views import update_peers
 
-    data_dir = args.peers_data_dir or args.data_dir
-    if data_dir is None:
-        raise FedsiteError("which site? pass --data-dir DIR")
-    site = SiteDir(data_dir)
-    pins = PeerPins(site.path, own_name=site.meta().name)
-    try:
-        if args.peers_command == "add":
-            pins.add(args.name, args.key.strip().lower())
-        elif args.peers_command == "remove":
-            pins.remove(args.name)
-        elif args.peers_command == "threshold":
-            pins.set_min_threshold(args.threshold)
-        print(render_peers(pins.load()))
-    except PeerPinError as exc:
-        raise FedsiteError(str(exc)) from None
+    print(update_peers(args.peers_data_dir or args.data_dir, args.peers_command, name=getattr(args, "name", None),
+                       key=getattr(args, "key", None), threshold=getattr(args, "threshold", None)))
 
 
 def cmd_ledger(args: argparse.Namespace) -> None:
@@ -448,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--workers", type=int, default=0, help="syft job workers (for non-blocking jobs)")
     srv.add_argument("--device", default="cpu",
                      help="where approved rounds train: cpu (default), cuda or cuda:N (this machine's GPU)")
+    srv.add_argument("--verbose", action="store_true", help="let syft's own log lines and prints through (silent by default)")
     srv.set_defaults(func=cmd_serve)
 
     admin = sub.add_parser("admin", help="site admin commands (those that log in need the site running)")
@@ -461,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--admin-password-file", default=None, help="else $FEDSITE_ADMIN_PASSWORD")
             cmd.add_argument("--ca", default=None, metavar="CA.pem",
                              help="the CA that signed an https site's certificate (else the default trust store)")
+            cmd.add_argument("--verbose", action="store_true", help="let syft's own log lines and prints through (silent by default)")
         cmd.set_defaults(func=func)
         return cmd
 
@@ -494,7 +259,7 @@ AdminCommand = Callable[..., argparse.ArgumentParser]
 
 
 def _add_review_commands(admin_command: AdminCommand) -> None:
-    request_id = f"a request id or a unique prefix of >= {MIN_REQUEST_PREFIX} hex digits"
+    request_id = f"a request id or a unique prefix of >= {MIN_PREFIX} hex digits"
     admin_command("requests", cmd_requests, "list the code requests: id, function, researcher, status")
     show = admin_command("show", cmd_show, "review one request: code, findings, plan, privacy, dry run on the mock")
     show.add_argument("request_id", help=request_id)
@@ -557,7 +322,16 @@ def _add_demo_parser(sub: Any) -> None:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--site-device", default="cpu",
                       help="where the sites train: cpu (default), cuda or cuda:N (`fedsite serve --device`)")
+    demo.add_argument("--verbose", action="store_true", help="let syft's own log lines and prints through (silent by default)")
     demo.set_defaults(func=cmd_demo)
+
+
+def _install_syft_patches(args: argparse.Namespace) -> None:
+    """Once, for the commands that start or talk to a site (those with --verbose): the version check and patches."""
+    if hasattr(args, "verbose"):
+        from datasites.syft_patches import install
+
+        install(verbose=args.verbose)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -565,8 +339,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "admin":
         os.umask(0o077)  # what an admin command writes into a data dir (journals, budgets) is the owner's alone
     try:
+        _install_syft_patches(args)
         args.func(args)
-    except FedsiteError as exc:
+    except (FedsiteError, SyftVersionError) as exc:
         print(f"fedsite: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -28,14 +28,13 @@ from datasites.review_queue import approve_request, list_requests, review_reques
 from datasites.server import check_site_device, launch_in_process
 from datasites.sitedir import SiteDir
 from fedsite.processes import ServedSite, free_port
+from models import build_from_spec, recipe_tail_tokens, with_public_start
 from policies.budget import PrivacyBudget
-from policies.dp import recipe_tail_tokens
 from policies.ledger import PrivacyLedger
 from policies.syft_client import login
 from researcher.evaluation import load_test_subset
 from researcher.fedavg import flatten_trainable
 from researcher.federation import SiteHandle, make_plan, submit
-from researcher.models import build_from_spec, with_public_start
 from researcher.trainer import FederatedTrainer, TrainerSettings
 
 RESEARCHER = "researcher@fedsite-demo.org"

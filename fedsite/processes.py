@@ -66,11 +66,6 @@ class ServedSite:
             time.sleep(0.25)
         raise RuntimeError(f"{self.name} not ready after {timeout_s} s: {self.log.read_text()}")
 
-    def kill9(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=30)
-
     def terminate(self) -> int:
         if self.process is None or self.process.poll() is not None:
             return self.process.returncode if self.process else 0

@@ -154,10 +154,14 @@ def add_run_parser(sub: Any) -> None:
                                      "report")
     run_sub = run.add_subparsers(dest="run_command", required=True)
 
-    def command(name: str, func: Callable[[argparse.Namespace], None], help_: str) -> argparse.ArgumentParser:
+    def command(name: str, func: Callable[[argparse.Namespace], None], help_: str, *,
+                talks_to_sites: bool = False) -> argparse.ArgumentParser:
         parser = run_sub.add_parser(name, help=help_)
         parser.add_argument("toml", nargs="?", default=DEFAULT_TOML, metavar="RUN.TOML",
                             help=f"the run file (default ./{DEFAULT_TOML})")
+        if talks_to_sites:  # fedsite.cli installs the syft patches for commands with --verbose
+            parser.add_argument("--verbose", action="store_true",
+                                help="let syft's own log lines and prints through (silent by default)")
         parser.set_defaults(func=func)
         return parser
 
@@ -168,8 +172,11 @@ def add_run_parser(sub: Any) -> None:
     init.add_argument("--imdb", default=None, help="folder with IMDB's test.parquet (default $FEDSITE_IMDB)")
     init.add_argument("--output-dir", default="fedsite-run", help="where the run keeps its state and report")
     init.add_argument("--quick", action="store_true", help="a tiny random model and 2 short rounds: a smoke test")
-    command("submit", cmd_submit, "plan the run and send its round function to every site (once)")
-    command("status", cmd_status, "each site's decision (pending, approved, denied and why) and rounds done")
-    train = command("train", cmd_train, "run the rounds once every site approved; resumes after a stop")
+    command("submit", cmd_submit, "plan the run and send its round function to every site (once)",
+            talks_to_sites=True)
+    command("status", cmd_status, "each site's decision (pending, approved, denied and why) and rounds done",
+            talks_to_sites=True)
+    train = command("train", cmd_train, "run the rounds once every site approved; resumes after a stop",
+                    talks_to_sites=True)
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     command("report", cmd_report, "accuracy per round and epsilon per site; where report.json and .png are")

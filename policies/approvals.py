@@ -1,7 +1,7 @@
 """The site's own record of what its admin approved, and the guard that makes syft obey it.
 
 syft 0.9.5 lets approved code run without limit, takes policy source from the researcher, and runs
-code with plain ``exec`` (SYFT_NOTES.md, "Policies"). So a Fedsite site does not trust syft's
+code with plain ``exec`` (docs/syft.md, "Policies, approval and execution"). So a Fedsite site does not trust syft's
 approval flag alone: the admin approves through Fedsite (`fedsite admin approve`), which records an
 ``Approval`` for the exact code hash in the site's append-only ``approvals.jsonl``, and the datasite
 server wraps syft's user-code execution with ``guard_execution``: a run whose code hash, researcher

@@ -1,7 +1,7 @@
 """Content fingerprints of a site's partition.
 
 syft 0.9.5 runs an approved function twice, once on the private asset and once on its mock
-(SYFT_NOTES.md, "Policies"). The site records the fingerprint of its private partition at upload
+(docs/syft.md, "Policies, approval and execution"). The site records the fingerprint of its private partition at upload
 (``<data-dir>/datasets/<name>.json``); the code that spends privacy compares the data it was
 handed against it, so it trains and spends only on the private partition and recognises the mock
 run without trusting anything the researcher says.

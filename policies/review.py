@@ -46,7 +46,7 @@ ALLOWED_PACKAGES = frozenset(
 
 # Modules of the Fedsite distribution the site itself installed, outside the packages above: the
 # researcher cannot change the site's copy, so code may build its model with them.
-ALLOWED_MODULES = frozenset({"researcher.models"})
+ALLOWED_MODULES = frozenset({"models"})
 
 
 class Category(StrEnum):

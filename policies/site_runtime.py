@@ -1,6 +1,6 @@
 """The site's runtime for federated rounds: the only entry point submitted code calls.
 
-A submitted function is a thin wrapper (see ``researcher.submission``): it holds the plan as a
+A submitted function is a thin wrapper (see ``policies.submission``): it holds the plan as a
 literal and a model builder, and returns ``run_stage(...)``. Everything privacy-critical happens
 here, in code the site installed, inside an execution the site's guard authorised
 (``policies.approvals``): the plan must be the approved one, the round must be new and within the
@@ -13,7 +13,7 @@ and the Poisson batch sizes (the researcher times its own calls). One call runs 
 Figure 4) for one attempt at one round; the site's half of the protocol state lives in
 ``<data-dir>/runs/<run-id>/`` between calls, so a restart of the site loses nothing.
 
-syft runs each call twice, on the private partition and on the mock (SYFT_NOTES.md); the mock run
+syft runs each call twice, on the private partition and on the mock (docs/syft.md); the mock run
 is recognised by the partition fingerprint and returns ``{"mock": True}`` without touching state.
 """
 
@@ -33,16 +33,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from models import encode_texts
 from policies.approvals import ExecutionContext, current_execution, plan_digest
 from policies.audit import AuditLog, ExecutionAuthorised, ExecutionRefused, OutputReleased, PrivacySpent
-from policies.dp import (
-    CalibratedPlan,
-    DPPlanError,
-    encode_texts,
-    local_dp_round,
-    train_dp_sgd,
-    trainable_parameters,
-)
+from policies.dp import CalibratedPlan, DPPlanError, local_dp_round, train_dp_sgd, trainable_parameters
 from policies.durable import JournalCorruptError, private_dirs, site_journal
 from policies.federated_plan import FederatedPlan, FederatedPlanError
 from policies.fingerprint import partition_fingerprint, read_dataset_facts

@@ -2,7 +2,7 @@
 
 A researcher submits, per run, a function generated from ``ROUND_FUNCTION_TEMPLATE``: the plan as a
 literal (so the code hash covers every parameter the admin approves) and a call into
-``policies.site_runtime.run_stage`` with a model built by the site's installed ``researcher.models``
+``policies.site_runtime.run_stage`` with a model built by the site's installed ``models`` package
 from the plan's model spec. The model and the loss are the researcher's choice through that spec;
 clipping, noise, sampling, accounting and masking are the site's code.
 
@@ -29,7 +29,7 @@ ROUND_FUNCTION_TEMPLATE = '''\
 def {name}(data, stage, message):
     plan = {plan}
     from policies.site_runtime import run_stage
-    from researcher.models import build_from_spec
+    from models import build_from_spec
 
     def make_model():
         return build_from_spec(plan["model"])
@@ -52,23 +52,29 @@ def render_round_function(plan: Mapping[str, Any]) -> str:
     return ROUND_FUNCTION_TEMPLATE.format(name=function_name(str(plan["run_id"])), plan=literal)
 
 
+def _runtime_imports() -> list[ast.ImportFrom]:
+    node = _function_node(ROUND_FUNCTION_TEMPLATE.format(name="f", plan="None"))
+    return [statement for statement in ast.walk(node) if isinstance(statement, ast.ImportFrom) and statement.module]
+
+
 def runtime_modules() -> tuple[str, ...]:
     """The modules the canonical round function imports when it runs at a site, read from the template."""
-    node = _function_node(ROUND_FUNCTION_TEMPLATE.format(name="f", plan="None"))
-    return tuple(statement.module for statement in ast.walk(node)
-                 if isinstance(statement, ast.ImportFrom) and statement.module)
+    return tuple(str(statement.module) for statement in _runtime_imports())
 
 
 def load_runtime() -> float:
-    """Import the round function's modules now; returns the seconds it took.
+    """Import the round function's modules and names now; returns the seconds it took.
 
     They bring in torch, transformers, opacus and peft: ~8 s of CPU on this project's 2-core machine.
     A served site loads them at start-up, so that its first approved call (the first round's key
-    advertisement) does not pay for them while the researcher and the other sites wait.
+    advertisement) does not pay for them while the researcher and the other sites wait. The names are
+    looked up too: ``models`` loads a name's module (and peft with it) on first use.
     """
     started = time.perf_counter()
-    for module in runtime_modules():
-        importlib.import_module(module)
+    for statement in _runtime_imports():
+        module = importlib.import_module(str(statement.module))
+        for alias in statement.names:
+            getattr(module, alias.name)
     return time.perf_counter() - started
 
 

@@ -1,8 +1,9 @@
 """Talking to a syft 0.9.5 datasite as a client, quietly, with one clear error per failure.
 
 Used by the site's admin tools and by researchers alike (what both sides need lives in
-``policies``). syft prints, logs and draws progress bars where a library should not, so every call
-into it goes through ``quiet()``.
+``policies``). syft prints, logs and draws progress bars where a library should not: its logs and progress
+bars are silenced once per process by ``policies.syft_patches.install()`` (which ``login`` calls), and its
+prints by ``quiet()`` around the calls that print (unless ``--verbose``).
 
 TLS: syft 0.9.5's HTTP client verifies certificates with ``requests`` (its session passes
 ``verify=True``, so ``$REQUESTS_CA_BUNDLE`` applies; its API calls use ``requests.post``), except that
@@ -15,8 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
-import os
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -27,16 +26,11 @@ import requests  # type: ignore[import-untyped]
 from requests.adapters import HTTPAdapter  # type: ignore[import-untyped]
 from urllib3.util.retry import Retry
 
+from policies.syft_patches import install, is_verbose
+
 
 class SiteConnectionError(ConnectionError):
     """Logging in to a datasite failed; the message says why and what to check."""
-
-
-def prepare_syft_environment() -> None:
-    """Settings syft reads from the environment; set before syft is imported or a server built."""
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    os.environ["DEV_MODE"] = "False"  # syft's orchestra sets it process-wide; never let it be True
-    os.environ["ENABLE_SIGNUP"] = "False"
 
 
 _quiet_lock = threading.Lock()
@@ -46,15 +40,17 @@ _saved_stdout: TextIO | None = None
 
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
-    """Silence syft's prints, progress bars and logs.
+    """Silence syft's prints (``print`` to stdout) while inside; nothing when ``--verbose``.
 
-    ``sys.stdout`` is process-wide, and the federated loop calls sites from several threads: a plain
-    ``redirect_stdout`` per thread restores the streams out of order and can leave stdout pointing
+    syft's logs and progress bars are silenced once, by ``install()``; its prints can only be caught
+    here. ``sys.stdout`` is process-wide, and the federated loop calls sites from several threads: a
+    plain ``redirect_stdout`` per thread restores the streams out of order and can leave stdout pointing
     at a discarded buffer. So the first ``quiet`` in swaps stdout and the last one out restores it.
     """
     global _quiet_depth, _saved_stdout
-    prepare_syft_environment()
-    logging.getLogger("syft").setLevel(logging.CRITICAL + 1)
+    if is_verbose():
+        yield
+        return
     with _quiet_lock:
         if _quiet_depth == 0:
             _saved_stdout, sys.stdout = sys.stdout, io.StringIO()
@@ -85,6 +81,7 @@ def login(
     Verification is never turned off: syft 0.9.5 skips it when ``$IGNORE_TLS_ERRORS`` is true, so an
     https login with that variable set is refused.
     """
+    install()
     with quiet():
         import syft as sy
         from syft.types.errors import SyftException
@@ -92,7 +89,6 @@ def login(
         if isinstance(url_or_handle, str):
             url_or_handle = url_or_handle.rstrip("/")
             _check_transport(url_or_handle, ca)
-            _keep_explicit_https_ports()
         try:
             if isinstance(url_or_handle, str) and ca is not None:
                 return _login_with_ca(url_or_handle, port=port, email=email, password=password, ca=Path(ca))
@@ -183,7 +179,6 @@ def _login_with_ca(url: str, *, port: int | None, email: str, password: str, ca:
     from syft.client.client import HTTPConnection
     from syft.types.server_url import ServerURL
 
-    _route_api_calls_through_the_session()
     server_url = ServerURL.from_url(url)
     if port is not None:
         server_url.set_port(int(port))

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from policies.dp import DPPlanError, check_tail_tokens, tokenize
+from models import ModelConfigError, check_tail_tokens, tokenize
 
 TEST_FILE = "test.parquet"
 IMDB_LABELS = (0, 1)  # negative, positive
@@ -75,7 +75,7 @@ def evaluate(
 
     The model runs in eval mode (no dropout) and is put back in the mode it was in, so a caller that
     trains next does not silently train without dropout. ``tail_tokens`` truncates long texts as the
-    plan's ``dp.tail_tokens`` does in training (``policies.dp.tokenize``).
+    plan's ``dp.tail_tokens`` does in training (``models.tokenize``).
     """
     if len(texts) == 0:
         raise EvaluationError("no texts to evaluate on: pass at least one labelled review")
@@ -99,7 +99,7 @@ def predict_logits(
     _positive_int("batch_size", batch_size)
     try:
         check_tail_tokens(tail_tokens, max_length)
-    except DPPlanError as exc:
+    except ModelConfigError as exc:
         raise EvaluationError(str(exc)) from exc
     if len(texts) == 0:
         raise EvaluationError("no texts to score: pass at least one text")

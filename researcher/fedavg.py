@@ -56,7 +56,7 @@ def flatten_trainable(model: nn.Module) -> tuple[np.ndarray, Layout]:
     """The trainable parameters as one float32 vector [layout_size(layout)], and their layout."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not named:
-        raise LayoutMismatchError("the model has no trainable parameters: select some with researcher.models.TrainableSet")
+        raise LayoutMismatchError("the model has no trainable parameters: select some with models.TrainableSet")
     with torch.no_grad():
         vector = torch.cat([p.detach().reshape(-1).to("cpu", torch.float32) for _, p in named])  # [sum numel]
     return vector.numpy(), trainable_layout(model)  # cat made a fresh tensor: nothing else shares it
@@ -152,24 +152,4 @@ def apply_flat_delta(model: nn.Module, layout: Layout, delta_vector: np.ndarray,
             segment = torch.from_numpy(scaled[offset : offset + count]).reshape(parameter.shape)  # [count] -> shape
             parameter.add_(segment.to(parameter.device, parameter.dtype))
             offset += count
-
-
-def fedavg_step(
-    model: nn.Module,
-    layout: Layout,
-    summed_deltas: np.ndarray,
-    *,
-    n_participants: int,
-    server_lr: float = 1.0,
-) -> None:
-    """w += server_lr * summed_deltas / n_participants (FedAvg with uniform weights; module docstring).
-
-    ``summed_deltas`` is the dequantised output of the secure sum over exactly ``n_participants`` sites:
-    dividing by any other count (the roster size, say, when some sites dropped) would shrink the step.
-    """
-    if isinstance(n_participants, bool) or not isinstance(n_participants, int) or n_participants < 1:
-        raise FedAvgError(f"n_participants must be an int >= 1, got {n_participants!r}")
-    if isinstance(server_lr, bool) or not isinstance(server_lr, int | float) or not 0 < server_lr < math.inf:
-        raise FedAvgError(f"server_lr must be a finite number > 0, got {server_lr!r}")
-    apply_flat_delta(model, layout, summed_deltas, scale=float(server_lr) / n_participants)
 

@@ -187,10 +187,10 @@ class Federation:
 
     def make_plan(self) -> dict[str, Any]:
         """A new plan from run.toml (a fresh run id), checked by the parser the sites use; sends nothing."""
+        from models import build_from_spec, with_public_start
         from policies.dp import DPPlan
         from researcher.fedavg import flatten_trainable
         from researcher.federation import SiteHandle, make_plan
-        from researcher.models import build_from_spec, with_public_start
 
         config = self.config
         dp = DPPlan.from_dict(config.dp)

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from models.spec import ModelConfigError, ModelSpec
 from policies.dp import DPPlan, DPPlanError
-from policies.federated_plan import FederatedPlanError, ModelSpec
 from policies.peers import PeerPinError, check_peer_key
 from researcher.run_template import DEFAULT_PASSWORD_ENV
 
@@ -261,10 +261,10 @@ def _model(where: _Where, raw: object) -> dict[str, Any]:
         if key in spec:
             raise where.error(f"model.{key}", "is computed from the public texts ([public] start = true): drop it")
     try:
-        ModelSpec.parse(spec)
-    except FederatedPlanError as exc:
-        keys = re.sub(r"(?:\['\w+'\])+", lambda m: ".".join(re.findall(r"'(\w+)'", m.group())),
-                      str(exc).replace("plan[", "["))  # plan['model']['name'] -> model.name, as run.toml spells it
+        ModelSpec.parse(spec, where="model")
+    except ModelConfigError as exc:
+        keys = re.sub(r"(\w+)((?:\['\w+'\])+)", lambda m: ".".join([m.group(1), *re.findall(r"'(\w+)'", m.group(2))]),
+                      str(exc))  # model['trainable'] -> model.trainable, as run.toml spells it
         raise where.error("model", f"is refused: {keys}") from None
     return spec
 

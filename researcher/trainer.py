@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from models import build_from_spec
 from policies.durable import read_json, write_json_atomic
 from policies.federated_plan import FederatedPlan
 from researcher.calibration import (
@@ -32,7 +33,6 @@ from researcher.checkpoints import load_latest, restore_into, save_checkpoint
 from researcher.evaluation import load_test_subset
 from researcher.fedavg import apply_flat_delta, flatten_trainable
 from researcher.federation import SiteHandle, run_round
-from researcher.models import build_from_spec
 from researcher.report import RoundRecord, RunReport
 
 logger = logging.getLogger("fedsite.researcher")

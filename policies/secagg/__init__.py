@@ -1,6 +1,7 @@
 """Secure sum: SecAgg with dropout recovery against an active aggregator (Bonawitz et al., CCS 2017),
 with optional SecAgg+ neighbourhoods (Bell et al., CCS 2020). Transport-agnostic: stages take and
-return plain values; ``policies.secagg.local`` shows the order of calls.
+return plain values; ``bench/secagg_local.py`` runs a whole session in one process and shows the
+order of calls.
 """
 
 from policies.secagg.aggregator import AggregatorStage, SecureSumAggregator, SecureSumResult
@@ -17,7 +18,6 @@ from policies.secagg.errors import (
     SecAggStageError,
     SecAggThresholdError,
 )
-from policies.secagg.local import DropPoint, InMemorySession, LocalRound, run_in_memory_round
 from policies.secagg.messages import (
     AdvertiseKeys,
     EncryptedShares,
@@ -45,13 +45,10 @@ from policies.secagg.state import ShareKind, SiteRoundState, SiteStage, load_rou
 __all__ = [
     "AdvertiseKeys",
     "AggregatorStage",
-    "DropPoint",
     "EncodingOverflowError",
     "EncryptedShares",
     "FixedPointEncoding",
-    "InMemorySession",
     "IncomingShares",
-    "LocalRound",
     "MaskedInput",
     "RevealedShare",
     "Roster",
@@ -82,7 +79,6 @@ __all__ = [
     "check_incoming_shares",
     "mask_input",
     "max_quantisation_bits",
-    "run_in_memory_round",
     "save_round_state",
     "share_keys",
     "unmask",

@@ -21,17 +21,33 @@ SurvivorSignature  site -> agg      Round 3 (ConsistencyCheck): sigma'_u over U3
 SignedSurvivors    agg -> sites     Round 3 broadcast of {(v, sigma'_v)}, v in U4
 UnmaskShares       site -> agg      Round 4: shares of b_v (v in U3), of s_v^SK (v in U2 \\ U3)
 =================  ===============  =============================================================
+
+The first five are here; the messages of Rounds 2 to 4 are in ``policies.secagg.messages_unmask``,
+their shared checks in ``policies.secagg.message_fields``. Every name is importable from here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
-from policies.secagg.crypto import KEY_BYTES, NONCE_BYTES, SIGNATURE_BYTES, TAG_BYTES, transcript
+from policies.secagg.crypto import KEY_BYTES, SIGNATURE_BYTES
 from policies.secagg.errors import SecAggProtocolError
-from policies.secagg.shamir import SHARE_BYTES
+from policies.secagg.message_fields import (
+    SEALED_SHARES_BYTES,
+    SHARE_PAIR_BYTES,
+    _check_items,
+    _read_items,
+    advertise_transcript,
+    survivors_transcript,
+)
+from policies.secagg.messages_unmask import (
+    RevealedShare,
+    SignedSurvivors,
+    Survivors,
+    SurvivorSignature,
+    UnmaskShares,
+)
 from policies.secagg.wire import (
     b64encode,
     check_bytes,
@@ -39,49 +55,8 @@ from policies.secagg.wire import (
     check_site_id,
     fields,
     read_b64,
-    read_list,
     read_str,
 )
-
-SHARE_PAIR_BYTES = 2 * SHARE_BYTES  # plaintext of e_{u,v}: share of s_u^SK || share of b_u
-SEALED_SHARES_BYTES = NONCE_BYTES + SHARE_PAIR_BYTES + TAG_BYTES
-_Item = TypeVar("_Item")
-
-
-def advertise_transcript(
-    digest: bytes, sender: str, cipher_public_key: bytes, mask_public_key: bytes
-) -> bytes:
-    """What sigma_u signs (Figure 4, Round 0): the two round public keys, bound to site and session."""
-    return transcript(
-        "secagg/advertise-keys",
-        session=digest.hex(),
-        site=sender,
-        cipher_public_key=cipher_public_key.hex(),
-        mask_public_key=mask_public_key.hex(),
-    )
-
-
-def survivors_transcript(digest: bytes, signer: str, survivors: tuple[str, ...]) -> bytes:
-    """What sigma'_u signs (Figure 4, Round 3 ConsistencyCheck): the survivor list U3 of the session."""
-    return transcript("secagg/survivors", session=digest.hex(), site=signer, survivors=list(survivors))
-
-
-def _check_items(items: object, item_type: type, *, kind: str, key: str) -> None:
-    if not isinstance(items, tuple) or not all(isinstance(item, item_type) for item in items):
-        raise SecAggProtocolError(f"{kind}.{key}: expected a tuple of {item_type.__name__}")
-
-
-def _read_items(
-    raw: Mapping[str, Any], key: str, parse: Callable[[object], _Item], *, kind: str
-) -> tuple[_Item, ...]:
-    return tuple(parse(item) for item in read_list(raw, key, kind=kind))
-
-
-def _check_site_list(value: object, *, kind: str, key: str) -> None:
-    if not isinstance(value, tuple):
-        raise SecAggProtocolError(f"{kind}.{key}: expected a tuple of site ids")
-    for site in value:
-        check_site_id(site, kind=kind, key=key)
 
 
 @dataclass(frozen=True)
@@ -280,147 +255,6 @@ class MaskedInput:
         )
 
 
-@dataclass(frozen=True)
-class Survivors:
-    """Round 2 broadcast: U3, the sites whose masked inputs the aggregator holds, in roster order."""
-
-    KIND: ClassVar[str] = "secagg/survivors"
-    session_id: str
-    survivors: tuple[str, ...]
-
-    def __post_init__(self) -> None:
-        check_session_id(self.session_id, kind=self.KIND)
-        _check_site_list(self.survivors, kind=self.KIND, key="survivors")
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"type": self.KIND, "session_id": self.session_id, "survivors": list(self.survivors)}
-
-    @classmethod
-    def from_wire(cls, obj: object) -> Survivors:
-        raw = fields(obj, kind=cls.KIND, keys=("type", "session_id", "survivors"))
-        survivors = tuple(read_list(raw, "survivors", kind=cls.KIND))
-        return cls(session_id=read_str(raw, "session_id", kind=cls.KIND), survivors=survivors)
-
-
-@dataclass(frozen=True)
-class SurvivorSignature:
-    """Round 3 (ConsistencyCheck): sigma'_u, the sender's signature over U3."""
-
-    KIND: ClassVar[str] = "secagg/survivor-signature"
-    session_id: str
-    sender: str
-    signature: bytes  # SIG(d_u^SK, survivors_transcript(...))
-
-    def __post_init__(self) -> None:
-        check_session_id(self.session_id, kind=self.KIND)
-        check_site_id(self.sender, kind=self.KIND, key="sender")
-        check_bytes(self.signature, kind=self.KIND, key="signature", length=SIGNATURE_BYTES)
-
-    def to_wire(self) -> dict[str, Any]:
-        signature = b64encode(self.signature)
-        return {
-            "type": self.KIND,
-            "session_id": self.session_id,
-            "sender": self.sender,
-            "signature": signature,
-        }
-
-    @classmethod
-    def from_wire(cls, obj: object) -> SurvivorSignature:
-        raw = fields(obj, kind=cls.KIND, keys=("type", "session_id", "sender", "signature"))
-        return cls(
-            session_id=read_str(raw, "session_id", kind=cls.KIND),
-            sender=read_str(raw, "sender", kind=cls.KIND),
-            signature=read_b64(raw, "signature", kind=cls.KIND, length=SIGNATURE_BYTES),
-        )
-
-
-@dataclass(frozen=True)
-class SignedSurvivors:
-    """Round 3 broadcast: U3 and the signatures of U4 over it, in roster order of the signers."""
-
-    KIND: ClassVar[str] = "secagg/signed-survivors"
-    session_id: str
-    survivors: tuple[str, ...]
-    signatures: tuple[SurvivorSignature, ...]
-
-    def __post_init__(self) -> None:
-        check_session_id(self.session_id, kind=self.KIND)
-        _check_site_list(self.survivors, kind=self.KIND, key="survivors")
-        _check_items(self.signatures, SurvivorSignature, kind=self.KIND, key="signatures")
-
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "type": self.KIND,
-            "session_id": self.session_id,
-            "survivors": list(self.survivors),
-            "signatures": [item.to_wire() for item in self.signatures],
-        }
-
-    @classmethod
-    def from_wire(cls, obj: object) -> SignedSurvivors:
-        raw = fields(obj, kind=cls.KIND, keys=("type", "session_id", "survivors", "signatures"))
-        return cls(
-            session_id=read_str(raw, "session_id", kind=cls.KIND),
-            survivors=tuple(read_list(raw, "survivors", kind=cls.KIND)),
-            signatures=_read_items(raw, "signatures", SurvivorSignature.from_wire, kind=cls.KIND),
-        )
-
-
-@dataclass(frozen=True)
-class RevealedShare:
-    """One Shamir share a site reveals in Unmask: the share of ``owner``'s secret it holds."""
-
-    KIND: ClassVar[str] = "secagg/revealed-share"
-    owner: str
-    share: bytes  # big-endian element of GF(2^521 - 1), at x = the revealing site's roster position + 1
-
-    def __post_init__(self) -> None:
-        check_site_id(self.owner, kind=self.KIND, key="owner")
-        check_bytes(self.share, kind=self.KIND, key="share", length=SHARE_BYTES)
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"owner": self.owner, "share": b64encode(self.share)}
-
-    @classmethod
-    def from_wire(cls, obj: object) -> RevealedShare:
-        raw = fields(obj, kind=cls.KIND, keys=("owner", "share"))
-        owner = read_str(raw, "owner", kind=cls.KIND)
-        return cls(owner=owner, share=read_b64(raw, "share", kind=cls.KIND, length=SHARE_BYTES))
-
-
-@dataclass(frozen=True)
-class UnmaskShares:
-    """Round 4 (Unmask): shares of b_v for survivors v in U3 and of s_v^SK for v in U2 \\ U3."""
-
-    KIND: ClassVar[str] = "secagg/unmask-shares"
-    session_id: str
-    sender: str
-    self_mask_shares: tuple[RevealedShare, ...]  # owners in U3: rebuild b_v, remove PRG(b_v)
-    mask_key_shares: tuple[RevealedShare, ...]  # owners dropped after ShareKeys: rebuild s_v^SK
-
-    def __post_init__(self) -> None:
-        check_session_id(self.session_id, kind=self.KIND)
-        check_site_id(self.sender, kind=self.KIND, key="sender")
-        _check_items(self.self_mask_shares, RevealedShare, kind=self.KIND, key="self_mask_shares")
-        _check_items(self.mask_key_shares, RevealedShare, kind=self.KIND, key="mask_key_shares")
-
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "type": self.KIND,
-            "session_id": self.session_id,
-            "sender": self.sender,
-            "self_mask_shares": [item.to_wire() for item in self.self_mask_shares],
-            "mask_key_shares": [item.to_wire() for item in self.mask_key_shares],
-        }
-
-    @classmethod
-    def from_wire(cls, obj: object) -> UnmaskShares:
-        keys = ("type", "session_id", "sender", "self_mask_shares", "mask_key_shares")
-        raw = fields(obj, kind=cls.KIND, keys=keys)
-        return cls(
-            session_id=read_str(raw, "session_id", kind=cls.KIND),
-            sender=read_str(raw, "sender", kind=cls.KIND),
-            self_mask_shares=_read_items(raw, "self_mask_shares", RevealedShare.from_wire, kind=cls.KIND),
-            mask_key_shares=_read_items(raw, "mask_key_shares", RevealedShare.from_wire, kind=cls.KIND),
-        )
+__all__ = ["SEALED_SHARES_BYTES", "SHARE_PAIR_BYTES", "AdvertiseKeys", "EncryptedShares", "IncomingShares",
+           "MaskedInput", "RevealedShare", "RoundKeys", "ShareKeys", "SignedSurvivors", "SurvivorSignature",
+           "Survivors", "UnmaskShares", "advertise_transcript", "survivors_transcript"]

@@ -12,6 +12,7 @@ import pytest
 
 from fedsite.processes import ServedSite, free_port, port_open
 from tests.conftest import ADMIN_PASSWORD
+from tests.e2e.kill import kill9
 
 __all__ = ["ServedSite", "fedsite", "free_port", "port_open", "serve_site"]
 
@@ -35,4 +36,4 @@ def serve_site(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
     yield make
     for site in started:
         if site.process is not None and site.process.poll() is None:
-            site.kill9()
+            kill9(site)

@@ -14,12 +14,12 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedsite.cli import main
+from models import build_from_spec
 from policies.identity import key_fingerprint
 from policies.submission import function_name
 from policies.syft_client import login, quiet
 from researcher.fedavg import flatten_trainable
 from researcher.federation import SiteHandle, make_plan, submit
-from researcher.models import build_from_spec
 from tests.conftest import ADMIN_PASSWORD, RESEARCHER_PASSWORD
 from tests.e2e.conftest import ServedSite, fedsite
 

@@ -36,6 +36,7 @@ from datasites.partition import partition_indices
 from datasites.review_queue import list_requests
 from datasites.sitedir import SiteDir
 from fedsite.cli import main
+from models import build_from_spec
 from policies.approvals import ApprovalRegistry
 from policies.audit import ApiCallRefused, AuditLog, OutputReleased, PrivacySpent
 from policies.budget import PrivacyBudget
@@ -49,9 +50,9 @@ from policies.submission import function_name, render_round_function
 from policies.syft_client import login, quiet
 from researcher.fedavg import flatten_trainable
 from researcher.federation import FederatedRound, SiteHandle, make_plan, submit
-from researcher.models import build_from_spec
 from tests.conftest import ADMIN_PASSWORD, RESEARCHER_PASSWORD
 from tests.e2e.conftest import ServedSite, fedsite, free_port
+from tests.e2e.kill import kill9
 from tests.raw_syft import gate_refusal, raw_call, refusal, value_of
 
 pytestmark = pytest.mark.e2e
@@ -291,7 +292,7 @@ def fed(tmp_path_factory: pytest.TempPathFactory, imdb_train: pd.DataFrame) -> I
             yield fed
     finally:
         for site in served.values():
-            site.kill9()
+            kill9(site)
 
 
 class RecordingRound(FederatedRound):

@@ -24,6 +24,7 @@ from datasites.admin import add_researcher, connect_admin, pin_each_other, uploa
 from datasites.partition import partition_indices
 from datasites.review_queue import ReviewReport, approve_request, list_requests, review_request
 from datasites.sitedir import SiteDir
+from models import build_from_spec
 from policies.approvals import ApprovalRegistry
 from policies.audit import ApiCallRefused, AuditLog, PrivacySpent
 from policies.budget import PrivacyBudget
@@ -45,11 +46,11 @@ from researcher.federation import (
     run_round,
     submit,
 )
-from researcher.models import build_from_spec
 from researcher.report import RunReport
 from researcher.trainer import FederatedTrainer, TrainerSettings
 from tests.conftest import ADMIN_PASSWORD, IMDB_DIR, RESEARCHER_PASSWORD
 from tests.e2e.conftest import ServedSite, free_port
+from tests.e2e.kill import kill9
 
 pytestmark = pytest.mark.e2e
 
@@ -164,7 +165,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory, imdb_train: pd.DataFram
         yield HttpFederation(served, admins, handles, root, len(flatten_trainable(model)[0]), researcher_ids)
     finally:
         for site in served.values():
-            site.kill9()
+            kill9(site)
 
 
 @dataclass(frozen=True)
@@ -246,7 +247,7 @@ def _kill_when_round_starts(site: ServedSite, run_id: str, round_index: int, kil
     deadline = time.monotonic() + KILL_WAIT_S
     while time.monotonic() < deadline and not stop.is_set():
         if any(runs.glob(f"*/{run_id}/round-{round_index}-attempt-*.state")):
-            site.kill9()
+            kill9(site)
             killed.set()
             return
         time.sleep(0.02)

@@ -9,6 +9,7 @@ from datasites.mock import PUBLIC_MOCK_ROWS
 from datasites.server import login, quiet
 from tests.conftest import ADMIN_PASSWORD, RESEARCHER_PASSWORD
 from tests.e2e.conftest import ServedSite, fedsite, port_open
+from tests.e2e.kill import kill9
 
 pytestmark = pytest.mark.e2e
 
@@ -50,7 +51,7 @@ def test_two_sites_serve_at_once_and_survive_kill_9(serve_site, imdb_dir) -> Non
     assert _researcher_view(site_a) == PUBLIC_MOCK_ROWS
     assert _researcher_view(site_b) == PUBLIC_MOCK_ROWS
 
-    site_a.kill9()
+    kill9(site_a)
     assert not port_open(site_a.port)
     assert _researcher_view(site_b) == PUBLIC_MOCK_ROWS  # the other site is unaffected
     site_a.start()

@@ -15,6 +15,8 @@ import pytest
 
 from datasites.admin import add_researcher, render_budgets, upload_partition
 from datasites.errors import FedsiteError
+from datasites.gate import is_gate_installed
+from datasites.guard import is_guard_installed
 from datasites.mock import PUBLIC_MOCK_ROWS
 from datasites.server import InProcessSite, launch_in_process, login, quiet
 from datasites.syft_speedups import attach_attributes, syft_walk
@@ -135,8 +137,6 @@ def test_syft_approval_alone_does_not_let_code_run(site: InProcessSite, research
     from syft.service.context import AuthedServiceContext
     from syft.service.user.user_roles import ServiceRole
     from syft.types.errors import SyftException
-
-    from datasites.guard import is_guard_installed
 
     asset = _asset(researcher)
     name = submit_canonical(site, researcher, tmp_path)
@@ -268,6 +268,19 @@ def test_launching_a_site_installs_the_syft_speedups(tmp_path: Path, monkeypatch
     running.stop()
 
     assert service_module.attach_attribute_to_syft_object is attach_attributes
+    assert is_gate_installed() and is_guard_installed()
+
+
+def test_a_site_does_not_start_under_another_syft_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The patches (the gate among them) are installed on the way to every start, after the version check."""
+    from policies import syft_patches
+
+    monkeypatch.setattr(syft_patches, "_state", syft_patches._State())  # a process that has not checked yet
+    monkeypatch.setattr(syft_patches.metadata, "version", lambda name: "0.9.6")
+
+    with pytest.raises(syft_patches.SyftVersionError, match=r"^syft 0\.9\.6 is installed, but Fedsite's patches to "
+                                                             r"syft were written for syft 0\.9\.5"):
+        launch_in_process(tmp_path, admin_password=ADMIN_PASSWORD, name="site-v")
 
 
 def test_restart_keeps_datasets_users_and_budget(tmp_path: Path, private: pd.DataFrame) -> None:

@@ -20,6 +20,7 @@ from datasites.errors import FedsiteError
 from datasites.partition import partition_indices
 from datasites.review_queue import approve_request, deny_request, list_requests, review_request
 from datasites.server import InProcessSite, launch_in_process
+from models import build_from_spec
 from policies import site_runtime
 from policies.audit import AuditLog
 from policies.budget import BudgetBook, PrivacyBudget
@@ -41,7 +42,6 @@ from researcher.federation import (
     run_round,
     submit,
 )
-from researcher.models import build_from_spec
 from researcher.report import RunReport
 from researcher.trainer import FederatedTrainer, TrainerSettings
 from tests.conftest import ADMIN_PASSWORD, IMDB_DIR, RESEARCHER_PASSWORD

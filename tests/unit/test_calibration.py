@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from models import TrainableSet, build_model, tiny_bert_config
 from researcher.calibration import (
     CalibrationError,
     calibrate_bias,
@@ -18,8 +19,8 @@ from researcher.calibration import (
 )
 from researcher.checkpoints import frozen_parameters_digest
 from researcher.evaluation import predict_logits
-from researcher.models import TrainableSet, build_model, tiny_bert_config, tiny_tokenizer
 from researcher.report import RoundRecord, RunReportError
+from tests.models_fixtures import tiny_tokenizer
 
 pytestmark = pytest.mark.unit
 

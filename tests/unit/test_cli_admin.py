@@ -431,7 +431,7 @@ def test_revoke_stops_an_approved_request_and_is_audited(site: SiteDir, capsys: 
     assert [e.kind for e in events] == ["request_denied"]
     assert (events[0].researcher, events[0].researcher_email) == (RESEARCHER_ID, RESEARCHER)  # type: ignore[attr-defined]
     code, _, err = run(capsys, "admin", "revoke", "ababab", "--reason", "again", "--data-dir", str(site.path))
-    assert_one_line_error(code, err, "0 live approvals match 'ababab'")
+    assert_one_line_error(code, err, "no live approval 'ababab' on this site: list them with `fedsite admin audit`")
 
 
 class _FakeUserService:

@@ -7,7 +7,8 @@ import torch
 from opacus import GradSampleModule
 from torch import nn
 
-from policies.dp import DPPlan, DPPlanError, _dp_optimizer, _generators
+from policies.dp import DPPlan, DPPlanError
+from policies.dp.engine import _dp_optimizer, _generators
 from policies.federated_plan import FederatedPlan, FederatedPlanError
 
 pytestmark = pytest.mark.unit

@@ -13,14 +13,8 @@ from opacus.optimizers import DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import nn
 
+from models import TrainableSet, build_model, default_model_path, select_trainable, tiny_bert_config
 from policies.dp import BatchedEmbeddingIndices, trainable_parameters
-from researcher.models import (
-    TrainableSet,
-    build_model,
-    default_model_path,
-    select_trainable,
-    tiny_bert_config,
-)
 
 pytestmark = pytest.mark.unit
 

@@ -15,6 +15,7 @@ from scipy import stats
 from torch.utils.data import TensorDataset
 
 from datasites.review_queue import SECURE_NOISE_OFF, RequestSummary, ReviewReport, plan_warnings
+from models import TrainableSet, build_model, tiny_bert_config
 from policies.dp import (
     DPPlan,
     DPPlanError,
@@ -22,13 +23,11 @@ from policies.dp import (
     SecureNoiseDPOptimizer,
     SecureNoiseFastGradientClippingOptimizer,
     SecurePoissonSampler,
-    _dp_training,
-    _empty_batch_gradients,
     trainable_parameters,
 )
+from policies.dp.engine import _dp_training, _empty_batch_gradients
 from policies.federated_plan import FederatedPlan
 from policies.review import review_code
-from researcher.models import TrainableSet, build_model, tiny_bert_config
 
 pytestmark = pytest.mark.unit
 

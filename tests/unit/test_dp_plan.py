@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from torch import nn
 
+from models import TrainableSet, build_model, tiny_bert_config
 from policies.budget import BudgetBook, PrivacyBudget
 from policies.dp import DPPlan, DPPlanError, UnsupportedLayerError, calibrate_plan, check_trainable_layers
 from policies.ledger import BudgetExceededError, PrivacyLedger
-from researcher.models import TrainableSet, build_model, tiny_bert_config
 
 pytestmark = pytest.mark.unit
 

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import policies.dp as dp_module
+import models.tokens as tokens_module
+import policies.dp.engine as engine_module
+from models import TrainableSet, build_model, tiny_bert_config
 from policies.accounting import epsilon_of
 from policies.budget import BudgetBook, PrivacyBudget
 from policies.dp import (
@@ -21,7 +23,7 @@ from policies.dp import (
 )
 from policies.fingerprint import partition_fingerprint
 from policies.ledger import BudgetExceededError, PrivacyLedger
-from researcher.models import TrainableSet, build_model, tiny_bert_config, tiny_tokenizer
+from tests.models_fixtures import tiny_tokenizer
 
 pytestmark = pytest.mark.unit
 
@@ -174,7 +176,7 @@ def test_calibration_takes_the_larger_noise_of_target_and_budget(tmp_path: Path)
 
 def test_failure_mid_round_leaves_no_unaccounted_trace_in_the_model(tmp_path: Path, monkeypatch) -> None:
     # Prepare: the fourth physical batch fails, after at least one noisy step was taken
-    import policies.dp as dp
+    import policies.dp.engine as dp
 
     model, tokenizer, ledger, plan = _setup(tmp_path, mode="hooks")
     texts, labels = _partition()
@@ -213,13 +215,13 @@ def test_private_round_truncates_as_the_plan_says(tmp_path: Path, monkeypatch) -
     plan = dataclasses.replace(plan, plan=dataclasses.replace(plan.plan, tail_tokens=6))
     texts, labels = _partition()
     seen: list[tuple[int, int, int]] = []
-    real = dp_module.tokenize
+    real = tokens_module.tokenize
 
     def spy(tokenizer, texts, *, max_length, tail_tokens=0, padding=True):
         seen.append((len(texts), max_length, tail_tokens))
         return real(tokenizer, texts, max_length=max_length, tail_tokens=tail_tokens, padding=padding)
 
-    monkeypatch.setattr(dp_module, "tokenize", spy)
+    monkeypatch.setattr(tokens_module, "tokenize", spy)
 
     # Execute
     local_dp_round(model, texts, labels, tokenizer=tokenizer, plan=plan, ledger=ledger,
@@ -237,13 +239,13 @@ def test_round_releases_the_mean_of_its_last_iterates_when_the_plan_asks(tmp_pat
     texts, labels = _partition()
     before = _parameters(model)
     iterates: list[tuple[int, dict[str, torch.Tensor]]] = []
-    real = dp_module._TailAverage.after_step
+    real = engine_module._TailAverage.after_step
 
     def spy(self, step: int) -> None:
         iterates.append((step, _parameters(model)))
         real(self, step)
 
-    monkeypatch.setattr(dp_module._TailAverage, "after_step", spy)
+    monkeypatch.setattr(engine_module._TailAverage, "after_step", spy)
 
     # Execute
     result = local_dp_round(

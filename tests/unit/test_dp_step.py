@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from policies.dp import _dp_training, _empty_batch_gradients, _physical_step, trainable_parameters
-from researcher.models import TrainableSet, build_model, tiny_bert_config
+from models import TrainableSet, build_model, tiny_bert_config
+from policies.dp import trainable_parameters
+from policies.dp.engine import _dp_training, _empty_batch_gradients, _physical_step
 
 pytestmark = pytest.mark.unit
 

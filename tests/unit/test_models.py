@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from researcher.models import (
+from models import (
     ModelConfigError,
     TrainableSet,
     build_model,
@@ -15,11 +15,9 @@ from researcher.models import (
     set_centre,
     set_head,
     tiny_bert_config,
-    tiny_tokenizer,
-    trainable_parameter_count,
-    with_public_centre,
     with_public_start,
 )
+from tests.models_fixtures import tiny_tokenizer, trainable_parameter_count
 
 pytestmark = pytest.mark.unit
 
@@ -124,8 +122,6 @@ def test_head_trains_the_classifier_alone() -> None:
 
 def test_a_public_centre_makes_the_pooled_embeddings_of_those_texts_zero_mean(tmp_path) -> None:
     tokenizer = tiny_tokenizer(tmp_path, words=("good", "bad", "film"))
-    spec = {"name": None, "tiny": {"vocab_size": len(tokenizer), "hidden_size": 32, "layers": 2, "heads": 2,
-                                   "max_length": 64}, "trainable": {"kind": "lora", "lora_rank": 4}, "seed": 3}
     texts = ["good film", "bad film", "a good good film", "the film is bad", "film"]
     model = build_model(config=tiny_bert_config(vocab_size=len(tokenizer)), trainable=TrainableSet(kind="lora"))
 
@@ -138,7 +134,6 @@ def test_a_public_centre_makes_the_pooled_embeddings_of_those_texts_zero_mean(tm
         pooled = head.pool(head.bert(**encoded).last_hidden_state, encoded["attention_mask"]) - head.centre
     assert len(centre) == 32 and max(abs(v) for v in centre) > 1e-3
     assert pooled.mean(dim=0).abs().max() < 1e-5
-    assert with_public_centre({**spec, "pooling": "cls"}, texts) == {**spec, "pooling": "cls"}
 
 
 def test_a_centre_of_the_wrong_size_or_for_a_cls_model_is_refused() -> None:
@@ -187,7 +182,7 @@ def test_a_prompt_head_scores_each_text_by_its_nearest_label_description(tmp_pat
 
 
 def test_with_public_start_puts_the_centre_and_a_head_in_the_spec_that_every_build_loads() -> None:
-    from researcher.models import build_from_spec
+    from models import build_from_spec
 
     spec = {"name": None, "tiny": {"hidden_size": 32, "layers": 2, "heads": 2, "max_length": 64},
             "trainable": {"kind": "lora", "lora_rank": 4}, "seed": 3}
@@ -256,7 +251,7 @@ def test_dropout_sets_every_dropout_of_the_model_but_not_the_adapters() -> None:
 
 
 def test_a_spec_without_dropout_keeps_the_checkpoints_own() -> None:
-    from researcher.models import build_from_spec
+    from models import build_from_spec
 
     spec = {"name": None, "tiny": {"hidden_size": 32, "layers": 2, "heads": 2, "max_length": 64},
             "trainable": {"kind": "head"}, "seed": 0}
@@ -265,3 +260,20 @@ def test_a_spec_without_dropout_keeps_the_checkpoints_own() -> None:
 
     assert {m.p for m in kept.modules() if isinstance(m, torch.nn.Dropout)} == {0.0}  # tiny_bert_config's
     assert {m.p for m in off.modules() if isinstance(m, torch.nn.Dropout)} == {0.25}
+
+
+def test_build_from_spec_parses_the_spec_as_a_site_does() -> None:
+    from models import ModelSpec, build_from_spec
+
+    spec = {"name": None, "tiny": {"hidden_size": 32, "layers": 2, "heads": 2, "max_length": 64},
+            "trainable": {"kind": "lora", "lora_rank": 4, "lora_targets": ["query"]}, "seed": 0}
+
+    parsed = ModelSpec.parse(spec)
+    from_json, _ = build_from_spec(spec)
+    from_spec, _ = build_from_spec(parsed)
+
+    assert parsed.trainable == TrainableSet(kind="lora", lora_rank=4, lora_targets=("query",))
+    assert [n for n, _ in from_json.named_parameters()] == [n for n, _ in from_spec.named_parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(from_json.parameters(), from_spec.parameters(), strict=True))
+    with pytest.raises(ModelConfigError, match=r"plan\['model'\]\['name'\] '/srv/private-model' is not a model name"):
+        build_from_spec({"name": "/srv/private-model", "trainable": {"kind": "head"}})

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from models import TrainableSet, build_model, tiny_bert_config
 from researcher import checkpoints
 from researcher.checkpoints import (
     CheckpointCorruptError,
@@ -20,7 +21,6 @@ from researcher.checkpoints import (
     save_checkpoint,
 )
 from researcher.fedavg import LayoutMismatchError, apply_flat_delta, flatten_trainable, layout_digest
-from researcher.models import TrainableSet, build_model, tiny_bert_config
 
 pytestmark = pytest.mark.unit
 

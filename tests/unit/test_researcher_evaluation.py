@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
+from models import TrainableSet, build_model, tiny_bert_config
 from researcher.evaluation import Evaluation, EvaluationError, evaluate, load_test_subset
-from researcher.models import TrainableSet, build_model, tiny_bert_config, tiny_tokenizer
+from tests.models_fixtures import tiny_tokenizer
 
 pytestmark = [
     pytest.mark.unit,

@@ -10,19 +10,18 @@ import pytest
 import torch
 from torch import nn
 
+from models import TrainableSet, build_model, tiny_bert_config
 from policies.dp import trainable_parameters
 from researcher.fedavg import (
     FLAT_VECTOR_FORMAT,
     FedAvgError,
     LayoutMismatchError,
     apply_flat_delta,
-    fedavg_step,
     flatten_trainable,
     layout_digest,
     layout_size,
     parse_layout,
 )
-from researcher.models import TrainableSet, build_model, tiny_bert_config
 
 pytestmark = pytest.mark.unit
 
@@ -80,7 +79,7 @@ def test_apply_flat_delta_matches_a_per_parameter_reference() -> None:
         assert torch.equal(after[name].detach(), before[name] + 0.5 * piece), name
 
 
-def test_fedavg_step_adds_the_mean_of_the_site_deltas() -> None:
+def test_a_scaled_sum_adds_the_mean_of_the_site_deltas() -> None:
     # Prepare: four sites, of which the secure sum reveals only the total
     model = _model()
     before = _snapshot(model)
@@ -89,7 +88,7 @@ def test_fedavg_step_adds_the_mean_of_the_site_deltas() -> None:
     summed = np.sum(np.stack(deltas).astype(np.float64), axis=0)  # [4, d] -> [d], as decode_sum returns
 
     # Execute
-    fedavg_step(model, layout, summed, n_participants=4)
+    apply_flat_delta(model, layout, summed, scale=1 / 4)  # FedAvg: the sum over 4 participants / 4
 
     # Assert
     vector_after, _ = flatten_trainable(model)
@@ -97,14 +96,14 @@ def test_fedavg_step_adds_the_mean_of_the_site_deltas() -> None:
     assert not torch.equal(dict(model.named_parameters())["classifier.weight"], before["classifier.weight"])
 
 
-def test_fedavg_step_scales_by_the_server_learning_rate() -> None:
+def test_the_scale_carries_the_server_learning_rate() -> None:
     # Prepare
     model = _model()
     vector_before, layout = flatten_trainable(model)
     summed = np.full(layout_size(layout), 2.0)
 
     # Execute
-    fedavg_step(model, layout, summed, n_participants=2, server_lr=0.25)
+    apply_flat_delta(model, layout, summed, scale=0.25 / 2)  # server_lr 0.25, 2 participants
 
     # Assert: 0.25 * 2.0 / 2 = 0.25 added everywhere
     vector_after, _ = flatten_trainable(model)
@@ -163,26 +162,6 @@ def test_apply_flat_delta_names_an_order_that_differs() -> None:
     # Execute / Assert
     with pytest.raises(LayoutMismatchError, match=r"entry \d+ is 'classifier.bias' in the layout but 'classifier.weight'"):
         apply_flat_delta(model, layout, np.zeros(layout_size(layout), dtype=np.float32), scale=1.0)
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"n_participants": 0}, "n_participants must be an int >= 1, got 0"),
-        ({"n_participants": True}, "n_participants must be an int >= 1, got True"),
-        ({"n_participants": 2.0}, r"n_participants must be an int >= 1, got 2\.0"),
-        ({"n_participants": 2, "server_lr": 0.0}, r"server_lr must be a finite number > 0, got 0\.0"),
-        ({"n_participants": 2, "server_lr": float("inf")}, "server_lr must be a finite number > 0, got inf"),
-    ],
-)
-def test_fedavg_step_range_checks_its_parameters(kwargs, message) -> None:
-    # Prepare
-    model = _model()
-    _, layout = flatten_trainable(model)
-
-    # Execute / Assert
-    with pytest.raises(FedAvgError, match=message):
-        fedavg_step(model, layout, np.zeros(layout_size(layout)), **kwargs)
 
 
 def test_layout_digest_is_sha256_of_the_canonical_json() -> None:

@@ -24,7 +24,7 @@ def local_round(data, global_weights, plan, roster):
     from transformers import BertConfig, BertForSequenceClassification
 
     from policies.site_runtime import run_stage
-    from researcher.models import TrainableSet
+    from models import TrainableSet
 
     class Classifier(torch.nn.Module):
         def __init__(self, config):
@@ -70,7 +70,7 @@ def test_a_realistic_training_function_is_clean() -> None:
     assert review.findings == ()
     assert review.verdict == "clean"
     assert review.imports == (
-        "math", "collections", "numpy", "torch", "transformers", "policies.site_runtime", "researcher.models",
+        "math", "collections", "numpy", "torch", "transformers", "policies.site_runtime", "models",
     )
     assert review.code_sha256 == code_hash(CLEAN_TRAINING_FUNCTION)
 

@@ -8,9 +8,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from scipy.stats import chisquare
 
+from bench.secagg_local import InMemorySession
 from policies.secagg import (
     AdvertiseKeys,
-    InMemorySession,
     Roster,
     RoundContext,
     RoundKeys,

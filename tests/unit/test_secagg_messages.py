@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from bench.secagg_local import InMemorySession
 from policies.secagg import (
     AdvertiseKeys,
     EncryptedShares,
     IncomingShares,
-    InMemorySession,
     MaskedInput,
     RevealedShare,
     Roster,

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from bench.secagg_local import InMemorySession
 from policies.secagg import (
     AggregatorStage,
-    InMemorySession,
     Roster,
     RoundContext,
     SecAggStageError,

@@ -6,7 +6,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from scipy.stats import chisquare
 
-from policies.secagg import InMemorySession, Roster, RoundContext, SecureSumConfig, mask_input
+from bench.secagg_local import InMemorySession
+from policies.secagg import Roster, RoundContext, SecureSumConfig, mask_input
 
 pytestmark = pytest.mark.unit
 

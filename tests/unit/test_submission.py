@@ -85,14 +85,14 @@ def test_anything_but_the_canonical_function_is_refused(edit: Any, message: str)
 def test_the_runtime_a_site_preloads_is_what_the_round_function_imports() -> None:
     rendered = ast.parse(render_round_function(make_raw_plan()))
     imported = tuple(node.module for node in ast.walk(rendered) if isinstance(node, ast.ImportFrom))
-    assert runtime_modules() == imported == ("policies.site_runtime", "researcher.models")
+    assert runtime_modules() == imported == ("policies.site_runtime", "models")
     # In a fresh interpreter (this one has imported everything already): loading brings in the ML stack.
     probe = ("import sys; from policies.submission import load_runtime; assert 'torch' not in sys.modules; "
              "load_runtime(); print(sorted(m for m in ('torch', 'opacus', 'peft', 'transformers', "
-             "'policies.site_runtime', 'researcher.models') if m in sys.modules))")
+             "'policies.site_runtime', 'models.build', 'researcher') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=300)
     assert loaded.stdout.strip() == str(sorted(["torch", "opacus", "peft", "transformers", "policies.site_runtime",
-                                                "researcher.models"]))
+                                                "models.build"]))
 
 
 def test_a_renamed_function_is_not_canonical() -> None:
@@ -147,6 +147,13 @@ def test_a_renamed_function_is_not_canonical() -> None:
          r"plan\['model'\]\['dropout'\] must be a float in \[0, 1\) \(e.g. 0.0\), got 1.0"),
         ({"model": {"name": "x", "trainable": {"kind": "lora"}, "dropout": 0}},
          r"plan\['model'\]\['dropout'\] must be a float in \[0, 1\)"),
+        # the trainable set is validated with the plan (models.spec), not first when a site builds the model
+        ({"model": {"name": "x", "trainable": {"kind": "prefix"}}},
+         r"plan\['model'\]\['trainable'\]: kind must be one of \('full', 'top_k', 'lora', 'head'\), got 'prefix'"),
+        ({"model": {"name": "x", "trainable": {"kind": "lora", "lora_targets": "query"}}},
+         r"plan\['model'\]\['trainable'\]\['lora_targets'\] must be a list of layer names, got 'query'"),
+        ({"model": {"name": "x", "trainable": {"kind": "lora", "lora_rank": 0}}},
+         r"plan\['model'\]\['trainable'\]: lora_rank must be an int >= 1, got 0"),
     ],
 )
 def test_bad_plans_name_the_field(change: dict[str, Any], message: str) -> None:
@@ -217,9 +224,9 @@ def test_the_runtime_refuses_to_run_outside_a_guarded_execution() -> None:
 
 def test_the_dry_run_takes_its_one_step_under_an_averaging_plan() -> None:
     # Prepare: a plan that averages both local steps of a round; the mock twin's reviews
+    from models import build_from_spec
     from policies.site_runtime import dry_run
     from researcher.fedavg import flatten_trainable
-    from researcher.models import build_from_spec
 
     model_spec = make_raw_plan()["model"]
     length = len(flatten_trainable(build_from_spec(model_spec)[0])[0])

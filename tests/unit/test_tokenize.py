@@ -1,4 +1,4 @@
-"""Head + tail truncation (``policies.dp.tokenize``): what a long text keeps, and bad settings refused."""
+"""Head + tail truncation (``models.tokenize``): what a long text keeps, and bad settings refused."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from typing import Any
 import pytest
 import torch
 
-from policies.dp import DPPlan, DPPlanError, encode_texts, tokenize
+from models import ModelConfigError, build_model, encode_texts, public_centre, tiny_bert_config, tokenize
+from policies.dp import DPPlan, DPPlanError
 from researcher.evaluation import EvaluationError, evaluate
-from researcher.models import ModelConfigError, build_model, public_centre, tiny_bert_config, tiny_tokenizer
+from tests.models_fixtures import tiny_tokenizer
 
 pytestmark = pytest.mark.unit
 
@@ -76,7 +77,7 @@ def test_encode_texts_truncates_every_text_the_same_way(tokenizer: Any) -> None:
 @pytest.mark.parametrize("tail_tokens", [-1, 11, True, 2.0])
 def test_bad_tail_tokens_are_refused_with_the_range(tokenizer: Any, tail_tokens: Any) -> None:
     message = rf"tail_tokens must be an int in \[0, max_length - 2\] = \[0, 10\].*got {tail_tokens!r}"
-    with pytest.raises(DPPlanError, match=message):
+    with pytest.raises(ModelConfigError, match=message):
         tokenize(tokenizer, [LONG], max_length=12, tail_tokens=tail_tokens)
     with pytest.raises(DPPlanError, match=message):
         DPPlan(clip_norm=1.0, delta=1e-5, expected_batch_size=8, local_steps=1, rounds=1, noise_multiplier=1.0,
@@ -126,7 +127,7 @@ def test_the_public_centre_embeds_the_same_truncation(tokenizer: Any) -> None:
 
 def test_the_default_tokenizer_keeps_the_verdict() -> None:
     """The default model's tokenizer (what sites and the researcher use) truncates the same way."""
-    from researcher.models import load_tokenizer
+    from models import load_tokenizer
 
     default = load_tokenizer()
     text = "It starts slowly. " * 60 + "In the end it was wonderful."
