@@ -27,6 +27,7 @@ from policies.fingerprint import UnknownDatasetError, read_dataset_facts
 from policies.ledger import BudgetExceededError, PrivacyLedger
 from policies.peers import PeerPins, RosterEntryStatus
 from policies.review import CodeReview, code_hash, printable, review_code
+from policies.review_render import render_listing
 from policies.submission import SubmissionError, canonical_plan, dry_run, function_name
 from policies.syft_client import quiet
 
@@ -62,10 +63,12 @@ class ReviewReport:
     warnings: tuple[str, ...] = field(default=())  # shown as WARNING lines; they do not block approval
     mock_twin: str | None = None  # the dataset's mock: size, label balance and their source (datasites.mock)
 
-    def render_text(self) -> str:
+    def render_text(self, *, full: bool = False) -> str:
+        """The review as text; the plan's long numeric literals are summarised unless ``full``."""
         s = self.summary
+        listing, summarised = render_listing(self.code, full=full)
         lines = [f"request {s.request_id}  {s.function}  from {s.researcher_email} (id {s.researcher})  [{s.status}]", "",
-                 "--- code " + "-" * 60, self.code.rstrip(), "-" * 69, "", self.code_review.render_text(), ""]
+                 "--- code " + "-" * 60, *listing, "-" * 69, *summarised, "", self.code_review.render_text(), ""]
         if self.plan is not None:
             dp = self.plan.dp
             model = dict(self.plan.model.__dict__)

@@ -110,7 +110,8 @@ def cmd_show(args: argparse.Namespace) -> None:
     request_prefix(args.request_id)  # a malformed id is refused before logging in
     site, client = _admin_client(args)
     summary = find_request(client, args.request_id)
-    print(review_request(client, site, summary.request_id, with_dry_run=not args.no_dry_run).render_text())
+    report = review_request(client, site, summary.request_id, with_dry_run=not args.no_dry_run)
+    print(report.render_text(full=args.full))
 
 
 def cmd_approve(args: argparse.Namespace) -> None:
@@ -264,6 +265,7 @@ def _add_review_commands(admin_command: AdminCommand) -> None:
     show = admin_command("show", cmd_show, "review one request: code, findings, plan, privacy, dry run on the mock")
     show.add_argument("request_id", help=request_id)
     show.add_argument("--no-dry-run", action="store_true", help="skip running the code on the mock twin")
+    show.add_argument("--full", action="store_true", help="print the plan's long vectors in full, not summarised")
     approve = admin_command("approve", cmd_approve, "approve a request whose review shows no problems")
     approve.add_argument("request_id", help=request_id)
     deny = admin_command("deny", cmd_deny, "deny a request; the researcher sees the reason")
@@ -314,7 +316,8 @@ def _add_demo_parser(sub: Any) -> None:
     demo = sub.add_parser("demo", help="three datasites and a researcher: review, approve, DP rounds, secure sum")
     demo.add_argument("--quick", action="store_true", help="a one-minute smoke run with a tiny model")
     demo.add_argument("--http", action="store_true", help="run the sites as separate `fedsite serve` processes")
-    demo.add_argument("--out", default="fedsite-demo", help="a new folder for the sites and the report")
+    demo.add_argument("--out", default=None, help="a new folder for the sites and the report "
+                      "(default runs/demo-UTCTIME, which git ignores)")
     demo.add_argument("--imdb", default=None, help="IMDB source (default $FEDSITE_IMDB, else stanfordnlp/imdb)")
     demo.add_argument("--rounds", type=int, default=None, help="override the number of rounds")
     demo.add_argument("--epsilon", type=float, default=8.0, help="each site's privacy budget")

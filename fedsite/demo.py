@@ -3,7 +3,8 @@
 Every step is the real one: three syft datasites (in this process, or with ``--http`` as separate
 `fedsite serve` processes on loopback ports) each upload a private IMDB partition with its mock
 twin and a privacy budget; the researcher plans a run and submits the round function to each site;
-each admin's review is printed and the request approved; then R rounds of per-site DP-SGD whose
+each admin reviews and approves the request (the first review is printed in full, and a later one as
+one line when its code hash and plan are the first's); then R rounds of per-site DP-SGD whose
 updates leave only through the secure sum; finally the accuracy, each site's epsilon (read from its
 own ledger) and the report and plot.
 """
@@ -17,6 +18,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ from datasites.admin import add_researcher, connect_admin, pin_each_other, uploa
 from datasites.data import load_imdb, resolve_source
 from datasites.errors import FedsiteError
 from datasites.partition import partition_indices
-from datasites.review_queue import approve_request, list_requests, review_request
+from datasites.review_queue import ReviewReport, approve_request, list_requests, review_request
 from datasites.server import check_site_device, launch_in_process
 from datasites.sitedir import SiteDir
 from fedsite.processes import ServedSite, free_port
@@ -152,17 +154,39 @@ def set_up_sites(raw_sites: dict[str, tuple[SiteDir, Any, Any]], *, size: DemoSi
 
 
 def review_and_approve(sites: list[DemoSite]) -> None:
-    for index, site in enumerate(sites):
+    """Each admin reviews and approves; a review the same as the first site's is printed as one line."""
+    first: ReviewReport | None = None
+    for site in sites:
         request_id = next(r.request_id for r in list_requests(site.admin) if r.status == "pending")
         report = review_request(site.admin, site.site, request_id)
-        if index == 0:
-            say(report.render_text())
+        if first is not None and same_request(report, first):
+            say(f"  {site.name}: review of {request_id[:12]}: same code hash {report.code_review.code_sha256}, "
+                "same plan" + _site_line(report))
         else:
-            say(f"  {site.name}: review of {request_id[:12]}: code {report.code_review.verdict}, "
-                f"projected epsilon {report.calibrated.projected_epsilon:.2f} of {report.budget_epsilon:g}, "
-                f"{len(report.problems)} problem(s)" if report.calibrated else f"  {site.name}: {report.problems}")
+            say(f"  {site.name}: review of {request_id[:12]}:")
+            say(report.render_text())
+        first = first or report
         approve_request(site.admin, site.site, request_id, admin=site.site.meta().admin_email)
         say(f"  {site.name}: approved")
+
+
+def same_request(report: ReviewReport, first: ReviewReport) -> bool:
+    """The same code (hash of the exact source) and the same plan as ``first``."""
+    return (report.code_review.code_sha256 == first.code_review.code_sha256 and report.plan is not None
+            and first.plan is not None and report.plan.raw == first.plan.raw)
+
+
+def _site_line(report: ReviewReport) -> str:
+    """What differs between sites though the code is the same: the privacy spent there, the problems."""
+    privacy = (f"; projected epsilon {report.calibrated.projected_epsilon:.2f} of {report.budget_epsilon:g}"
+               if report.calibrated is not None else "")
+    problems = "; ".join(report.problems) or "no problems"
+    return f"{privacy}; {problems}"
+
+
+def default_out() -> Path:
+    """``runs/demo-<UTC time>``: a new folder each run, under the checkout's ignored /runs/."""
+    return Path("runs") / f"demo-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
 
 
 def run_demo(args: argparse.Namespace) -> None:
@@ -178,7 +202,7 @@ def run_demo(args: argparse.Namespace) -> None:
     size = QUICK if args.quick else DEFAULT
     if args.rounds is not None:
         size = DemoSize(size.reviews_per_site, size.model, {**size.dp, "rounds": args.rounds}, size.test_size)
-    out = Path(args.out).resolve()
+    out = (Path(args.out) if args.out is not None else default_out()).resolve()
     if out.exists() and any(out.iterdir()):
         raise FedsiteError(f"{out} is not empty: pass --out to a new folder (the demo creates fresh sites)")
     imdb = resolve_source(args.imdb)

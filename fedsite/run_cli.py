@@ -108,7 +108,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     with _as_cli_errors():
         federation = _federation(args)
         report = federation.train(progress=not args.no_progress)
-    print(f"run {report.run_id}: {len(report.rounds)} rounds done; `fedsite run report {args.toml}`")
+    lost = f", {len(report.lost_rounds)} lost" if report.lost_rounds else ""
+    print(f"run {report.run_id}: {len(report.rounds)} rounds done{lost}; `fedsite run report {args.toml}`")
 
 
 def _standard_error(round_: Mapping[str, Any], test_size: int) -> float:
@@ -133,9 +134,15 @@ def render_report(document: Mapping[str, Any], *, test_size: int) -> str:
                              for s in sites)
         dropped = f"  dropped: {', '.join(r['dropped'])}" if r.get("dropped") else ""
         lines.append(f"{r['round_index']:>5}  {accuracy:>16}  {r['mean_loss']:>7.4f}  {epsilons}{dropped}")
-    for lost in document.get("lost", document.get("lost_rounds", [])) or []:
-        lines.append(f"lost: {lost}")
+    lines += [f"lost: {_lost_summary(entry)}" for entry in document.get("lost_rounds", [])]
     return "\n".join(lines)
+
+
+def _lost_summary(entry: Any) -> str:
+    """One lost round in words (``LostRound.summary``): the stage, why, and who spent on it."""
+    from researcher.report import LostRound
+
+    return LostRound.from_dict(entry).summary()
 
 
 def cmd_report(args: argparse.Namespace) -> None:

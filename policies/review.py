@@ -27,12 +27,28 @@ from __future__ import annotations
 import ast
 import builtins
 import hashlib
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from enum import StrEnum
 from fnmatch import fnmatchcase
 from typing import Literal
+
+from policies.review_render import VectorSummary, printable, summarise_vectors
+from policies.review_rules import (
+    ATTRIBUTE_HINTS,
+    DUNDER_IN_TEXT,
+    ESCAPE_DUNDERS,
+    HARMLESS_DUNDERS,
+    INTROSPECTION_ATTRIBUTES,
+    REMOTE_CODE_WHY,
+    REROOTED_MODULES,
+    RULES,
+    Category,
+)
+
+__all__ = [
+    "ALLOWED_MODULES", "ALLOWED_PACKAGES", "Category", "CodeReview", "CodeReviewError", "Finding", "VectorSummary",
+    "code_hash", "printable", "review_code", "summarise_vectors",
+]
 
 # Top-level packages a training function may import. `policies` is the site's own package;
 # `__future__` only switches compiler features.
@@ -47,18 +63,6 @@ ALLOWED_PACKAGES = frozenset(
 # Modules of the Fedsite distribution the site itself installed, outside the packages above: the
 # researcher cannot change the site's copy, so code may build its model with them.
 ALLOWED_MODULES = frozenset({"models"})
-
-
-class Category(StrEnum):
-    """What a finding is about."""
-
-    IMPORT = "import"  # a module outside ALLOWED_PACKAGES, a star or a relative import
-    FILE = "file"  # reads, writes or probes the file system
-    NETWORK = "network"  # opens connections
-    PROCESS = "process"  # starts, forks, signals or replaces processes
-    ENVIRONMENT = "environment"  # reads or changes environment variables
-    DYNAMIC_CODE = "dynamic-code"  # runs code or reaches names the review cannot see
-    DUNDER = "dunder"  # interpreter internals: the classic sandbox escapes
 
 
 class CodeReviewError(ValueError):
@@ -103,16 +107,6 @@ class CodeReview:
         return "\n".join(lines)
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-
-
-def printable(text: str) -> str:
-    """``text`` safe for an admin's terminal: control characters (escape sequences that clear the screen,
-    move the cursor or hide text, bidirectional overrides) shown as ``\\x1b``-style escapes; newlines and
-    tabs kept. A request or an audit record is the researcher's text; it must not redraw the review."""
-    return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
-
-
 def code_hash(source: str) -> str:
     """The canonical hash of submitted code, bound at approval and checked at every execution.
 
@@ -128,95 +122,6 @@ def code_hash(source: str) -> str:
         raise TypeError(f"source must be str, got {type(source).__name__}")
     normalised = source.replace("\r\n", "\n").replace("\r", "\n")
     return hashlib.sha256(normalised.encode("utf-8")).hexdigest()
-
-
-_ENVIRONMENT_WHY = "reads or changes environment variables, which on the server include its private key"
-# (pattern, category, why). A pattern matches a resolved dotted name and everything below it
-# ("os.exec*" matches os.execv and os.execv.__call__). The first matching rule wins.
-_RULES: tuple[tuple[str, Category, str], ...] = (
-    *((name, Category.ENVIRONMENT, _ENVIRONMENT_WHY)
-      for name in ("os.environ*", "os.getenv*", "os.putenv", "os.unsetenv")),
-    *((name, Category.PROCESS, "starts, replaces or signals processes")
-      for name in ("subprocess", "os.system", "os.popen", "os.exec*", "os.spawn*", "os.posix_spawn*", "os.fork*",
-                   "os.kill*", "os._exit", "os.abort", "pty", "multiprocessing", "torch.multiprocessing", "signal",
-                   "concurrent.futures.ProcessPoolExecutor", "asyncio.create_subprocess_*",
-                   "torch.utils.cpp_extension")),
-    *((name, Category.NETWORK, "opens network connections")
-      for name in ("socket", "ssl", "urllib", "http", "requests", "httpx", "aiohttp", "websockets", "ftplib",
-                   "smtplib", "poplib", "imaplib", "telnetlib", "xmlrpc", "asyncio.open_connection",
-                   "asyncio.start_server", "torch.hub", "torch.utils.model_zoo", "torch.distributed")),
-    ("builtins.open", Category.FILE, "opens files"),
-    ("pathlib", Category.FILE, "reads and writes files"),
-    ("os.path", Category.FILE, "probes the file system"),
-    *((name, Category.FILE, "reads, writes or lists files")
-      for name in ("os.open", "os.fdopen", "os.read", "os.write", "os.remove", "os.unlink", "os.rename*",
-                   "os.replace", "os.mkdir", "os.makedirs", "os.rmdir", "os.removedirs", "os.listdir",
-                   "os.scandir", "os.walk", "os.fwalk", "os.chmod", "os.chown", "os.lchown", "os.link",
-                   "os.symlink", "os.readlink", "os.truncate", "os.stat", "os.lstat", "os.chdir", "os.getcwd",
-                   "os.access", "os.utime", "os.mkfifo", "os.sendfile", "io.open", "io.FileIO", "codecs.open",
-                   "shutil", "tempfile", "glob", "fileinput", "sqlite3", "torch.load", "torch.save",
-                   "torch.serialization.load", "torch.serialization.save", "torch.from_file", "torch.jit.load",
-                   "torch.jit.save", "numpy.load", "numpy.save*", "numpy.loadtxt", "numpy.genfromtxt",
-                   "numpy.fromfile", "numpy.memmap")),
-    *((name, Category.FILE, "writes the site's durable state (ledger, budgets, approvals, audit log)")
-      for name in ("policies.durable", "policies.budget", "policies.ledger", "policies.audit", "policies.approvals")),
-    *((name, Category.DYNAMIC_CODE, "bypasses the site runtime: submitted code calls policies.site_runtime only")
-      for name in ("policies.dp", "policies.secagg", "policies.fingerprint", "policies.accounting")),
-    *((name, Category.DYNAMIC_CODE, "runs or loads code the review cannot see")
-      for name in ("builtins.exec", "builtins.eval", "builtins.compile", "builtins.__import__", "builtins.breakpoint",
-                   "importlib", "runpy", "code", "codeop", "types.CodeType", "types.FunctionType", "ctypes", "cffi",
-                   "torch.ops.load_library", "torch.classes.load_library", "torch.package", "numpy.ctypeslib",
-                   "typing.get_type_hints", "typing.ForwardRef")),
-    *((name, Category.DYNAMIC_CODE, "unpickling runs arbitrary code")
-      for name in ("pickle.load*", "pickle.Unpickler", "_pickle", "marshal", "dill", "cloudpickle", "shelve",
-                   "joblib.load", "pandas.read_pickle")),
-    *((name, Category.DYNAMIC_CODE, "reads or rebinds names the review cannot follow")
-      for name in ("builtins.globals", "builtins.locals", "builtins.vars", "builtins.setattr", "builtins.delattr",
-                   "sys.modules", "sys._getframe", "inspect", "gc")),
-)
-
-# A module reached as an attribute of an allowed one (torch.serialization.os) is checked as itself.
-_REROOTED_MODULES = frozenset(
-    {
-        "os", "sys", "subprocess", "socket", "shutil", "pathlib", "builtins", "importlib", "ctypes", "pickle",
-        "marshal", "dill", "pty", "multiprocessing", "urllib", "requests", "httpx", "tempfile", "inspect", "gc",
-        "runpy", "shelve", "io",
-    }
-)
-
-# Attribute names flagged on receivers the review cannot resolve (a parameter, a returned object).
-_ATTRIBUTE_HINTS: tuple[tuple[str, Category, str], ...] = (
-    *((name, Category.ENVIRONMENT, "looks like environment access")
-      for name in ("environ*", "getenv*", "putenv", "unsetenv")),
-    *((name, Category.PROCESS, "looks like starting a process")
-      for name in ("system", "popen", "execl*", "execv*", "spawn*", "posix_spawn*", "fork", "forkpty", "startfile")),
-    *((name, Category.FILE, "looks like a file operation")
-      for name in ("open", "read_text", "read_bytes", "write_text", "write_bytes", "unlink", "rmdir", "rmtree",
-                   "mkdir", "touch", "iterdir", "rglob", "symlink_to", "hardlink_to", "save_pretrained",
-                   "to_json_file")),
-    *((name, Category.NETWORK, "looks like network access")
-      for name in ("urlopen", "create_connection", "push_to_hub")),
-    *((name, Category.DYNAMIC_CODE, "looks like loading a module") for name in ("exec_module", "load_module")),
-)
-
-# Dunder attributes that ordinary code uses (super().__init__()) and that lead nowhere new.
-_HARMLESS_DUNDERS = frozenset(
-    {"__init__", "__name__", "__qualname__", "__doc__", "__len__", "__iter__", "__next__", "__getitem__",
-     "__call__", "__enter__", "__exit__"}
-)
-# Frame, code and function internals: from a frame, f_globals and f_builtins reach everything.
-_INTROSPECTION_ATTRIBUTES = frozenset(
-    {"f_globals", "f_locals", "f_builtins", "f_back", "f_code", "gi_frame", "gi_code", "cr_frame", "cr_code",
-     "ag_frame", "tb_frame", "tb_next", "co_code", "co_consts", "func_globals"}
-)
-# Dunder names that, inside a string, feed getattr or str.format ("{0.__class__.__init__.__globals__}").
-_ESCAPE_DUNDERS = frozenset(
-    {"__class__", "__base__", "__bases__", "__mro__", "__subclasses__", "__globals__", "__builtins__", "__code__",
-     "__closure__", "__dict__", "__getattribute__", "__reduce__", "__reduce_ex__", "__import__", "__loader__",
-     "__spec__", "__self__", "__func__"}
-)
-_REMOTE_CODE_WHY = "trust_remote_code: runs Python files shipped with the model"
-_DUNDER_IN_TEXT = re.compile(r"__\w+?__")
 
 
 def _is_dunder(name: str) -> bool:
@@ -337,9 +242,9 @@ class _Reviewer:
     def check_names(self, node: ast.AST, names: Iterable[str]) -> None:
         for name in names:
             parts = name.split(".")
-            rerooted = [".".join(parts[i:]) for i in range(1, len(parts)) if parts[i] in _REROOTED_MODULES]
+            rerooted = [".".join(parts[i:]) for i in range(1, len(parts)) if parts[i] in REROOTED_MODULES]
             for candidate in [name, *rerooted]:
-                rule = next((rule for rule in _RULES if _matches(rule[0], candidate)), None)
+                rule = next((rule for rule in RULES if _matches(rule[0], candidate)), None)
                 if rule is not None:
                     via = f" (reached through {name[: -len(candidate) - 1]})" if candidate != name else ""
                     self.flag(node, rule[1], f"{candidate}: {rule[2]}{via}")
@@ -368,8 +273,8 @@ class _Reviewer:
             self.check_names(node, self.resolve(node))
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
             if node.value == "trust_remote_code":  # passed as **{"trust_remote_code": True}
-                self.flag(node, Category.DYNAMIC_CODE, _REMOTE_CODE_WHY)
-            for name in sorted(set(_DUNDER_IN_TEXT.findall(node.value)) & _ESCAPE_DUNDERS):
+                self.flag(node, Category.DYNAMIC_CODE, REMOTE_CODE_WHY)
+            for name in sorted(set(DUNDER_IN_TEXT.findall(node.value)) & ESCAPE_DUNDERS):
                 self.flag(node, Category.DUNDER, f"{name}: named in a string (usable through getattr or str.format)")
 
     def _is_chain_link(self, node: ast.AST) -> bool:
@@ -410,15 +315,15 @@ class _Reviewer:
         )
 
     def _visit_attribute(self, node: ast.Attribute) -> None:
-        if node.attr in _INTROSPECTION_ATTRIBUTES:
+        if node.attr in INTROSPECTION_ATTRIBUTES:
             self.flag(node, Category.DUNDER, f"{node.attr}: frame or code internals reach every global")
-        elif _is_dunder(node.attr) and node.attr not in _HARMLESS_DUNDERS:
+        elif _is_dunder(node.attr) and node.attr not in HARMLESS_DUNDERS:
             self.flag(node, Category.DUNDER, f"{node.attr}: interpreter internal, a classic sandbox escape")
         names = self.resolve(node)
         if not self._is_chain_link(node):
             self.check_names(node, names)
         if not names:
-            for pattern, category, why in _ATTRIBUTE_HINTS:
+            for pattern, category, why in ATTRIBUTE_HINTS:
                 if fnmatchcase(node.attr, pattern):
                     self.flag(node, category, f".{node.attr}: {why}")
                     break
@@ -437,7 +342,7 @@ class _Reviewer:
         callee = set(self.resolve(node.func))
         keywords = {keyword.arg: keyword.value for keyword in node.keywords if keyword.arg is not None}
         if "trust_remote_code" in keywords and not _is_constant(keywords["trust_remote_code"], False):
-            self.flag(node, Category.DYNAMIC_CODE, _REMOTE_CODE_WHY)
+            self.flag(node, Category.DYNAMIC_CODE, REMOTE_CODE_WHY)
         if callee & {"torch.load", "torch.serialization.load"}:
             if not _is_constant(keywords.get("weights_only"), True):
                 self.flag(node, Category.DYNAMIC_CODE, "torch.load: without weights_only=True it unpickles objects")
@@ -470,6 +375,8 @@ def _parse(source: str) -> ast.Module:
         raise unparsable(f"{exc.msg}{where}") from exc
     except ValueError as exc:  # NUL bytes, on Python versions that raise ValueError for them
         raise unparsable(str(exc)) from exc
+    except RecursionError as exc:  # nesting deeper than the parser's stack (e.g. thousands of chained operators)
+        raise unparsable(f"it is nested too deeply to parse ({exc})") from exc
 
 
 def review_code(source: str) -> CodeReview:

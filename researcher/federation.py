@@ -6,11 +6,17 @@ function at every site still answering, made concurrently; a site that fails to 
 unreachable) drops out of the session, which completes with the survivors when at least the
 threshold of them remain; a site that *refuses* (its policy says no) stops the run with the site's
 reason. The sum of the survivors' clipped DP updates is averaged into the global model (FedAvg).
+
+A round that cannot finish is retried with a new session only while no site has released its masked
+input for it. A site that released a round has spent privacy on it and refuses any second session of
+it, so once one has, the round is *lost* (``researcher.lost_rounds``) and the run goes on with the next
+round from the last global model.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import re
 import secrets
 import time
@@ -39,6 +45,8 @@ from policies.secagg import (
 from policies.site_runtime import encode_vector
 from policies.submission import SubmissionError, dry_run, function_name, render_round_function
 from policies.syft_client import quiet
+from researcher.lost_rounds import RoundLostError
+from researcher.report import LostRound
 
 ASSET = "reviews"
 # How datasites.guard words a refusal ("site-a: refused: code ... has no Fedsite approval ..."); a
@@ -53,7 +61,7 @@ class SiteRefusedError(RuntimeError):
 
 
 class RoundFailedError(RuntimeError):
-    """Too few sites answered to finish a round's secure sum."""
+    """Too few sites answered to finish a round's secure sum, in every attempt; no site released it."""
 
 
 def describe_site_failure(site: str, exc: BaseException) -> str:
@@ -259,6 +267,9 @@ class FederatedRound:
         self.drop_reasons: dict[str, str] = {}
         self.epsilon_spent: dict[str, float] = {}
         self.times = StageTimes()
+        self.stage = "advertise_keys"  # the stage under way, or the last one called
+        self.masked_sent: tuple[str, ...] = ()  # sites asked for their masked input
+        self.released: dict[str, object] = {}  # site -> the epsilon its masked-input reply reported
 
     def _call(self, site: SiteHandle, stage: str, extra: Mapping[str, Any]) -> dict[str, Any] | None:
         """One stage at one site: its reply, None if it did not answer; raises on a refusal."""
@@ -281,6 +292,8 @@ class FederatedRound:
             return None
         if "refused" in reply:
             raise SiteRefusedError(str(reply["refused"]))
+        if stage == "mask_input":  # it spent and released: this round can never have another session there
+            self.released[site.name] = reply.get("epsilon_spent")
         return reply
 
     def _dropped(self, site: str, why: str) -> None:
@@ -292,6 +305,9 @@ class FederatedRound:
         """Call ``stage`` at every site of ``among`` concurrently; returns the replies of those that answered."""
         started = time.perf_counter()
         live = [name for name in among if name not in self.dropped]
+        self.stage = stage
+        if stage == "mask_input":
+            self.masked_sent = tuple(live)
         with ThreadPoolExecutor(max_workers=max(1, len(live))) as pool:
             futures = {name: pool.submit(self._call, self.sites[name], stage, extra(name)) for name in live}
             replies = {name: future.result() for name, future in futures.items()}
@@ -319,6 +335,7 @@ class FederatedRound:
         for reply in self._stage("unmask", agg.signers, lambda _: {"signed": signed}).values():
             agg.receive_unmask_shares(UnmaskShares.from_wire(reply["message"]))
         started = time.perf_counter()
+        self.stage = "unmask"
         result = agg.finish()
         self.times.add("unmask_aggregate", time.perf_counter() - started)
         average = np.asarray(result.total, dtype=np.float64) / len(result.participants)
@@ -328,17 +345,36 @@ class FederatedRound:
                             {name: self.epsilon_spent[name] for name in participants if name in self.epsilon_spent},
                             {name: self.drop_reasons.get(name, "left the secure sum") for name in dropped})
 
+    def lost(self, reason: str) -> LostRound:
+        """This session as a lost round: who released (and the epsilon each reported), where, why."""
+        reported = {name: value for name, value in self.released.items()
+                    if isinstance(value, float) and math.isfinite(value) and value >= 0}
+        return LostRound(round_index=self.round_index, attempt=self.attempt, stage=self.stage, reason=reason,
+                         released=tuple(name for name in self.sites if name in self.released),
+                         epsilon_spent=reported,
+                         unconfirmed=tuple(name for name in self.masked_sent if name not in self.released),
+                         drop_reasons=dict(self.drop_reasons), seconds=dict(self.times.seconds))
+
 
 def run_round(sites: Sequence[SiteHandle], plan: FederatedPlan, round_index: int, global_vector: np.ndarray,
               *, max_attempts: int = 3, first_attempt: int = 0) -> RoundOutcome:
-    """Run ``round_index``, retrying with a new session when too few sites finish (e.g. a crash)."""
+    """Run ``round_index``; retry with a new session when too few sites finish (e.g. a crash) and none released.
+
+    Raises ``RoundLostError`` when a session fails after any site released its masked input (a retry could
+    never finish: that site refuses a second session of the round), ``RoundFailedError`` after the last
+    attempt, ``SiteRefusedError`` when a site refuses before any release.
+    """
     last_error: Exception | None = None
     reasons: dict[str, str] = {}
     for attempt in range(first_attempt, first_attempt + max_attempts):
         session = FederatedRound(sites, plan, round_index, attempt)
         try:
             return session.run(global_vector)
-        except SecAggError as exc:  # below threshold at some stage: the session cannot finish
+        except (SecAggError, SiteRefusedError) as exc:  # below threshold at some stage, or a site said no
+            if session.released:
+                raise RoundLostError(session.lost(str(exc))) from exc
+            if isinstance(exc, SiteRefusedError):
+                raise
             last_error, reasons = exc, session.drop_reasons
     why = "; ".join(f"{name} dropped at {reason}" for name, reason in sorted(reasons.items()))
     raise RoundFailedError(f"round {round_index} failed {max_attempts} times: {last_error}"

@@ -83,14 +83,9 @@ def read_password(site: SiteEntry) -> str:
 
 
 def lost_rounds(raw_report: Mapping[str, Any]) -> int | None:
-    """How many rounds report.json records as lost, if it records lost rounds at all."""
-    for key in ("lost", "lost_rounds"):
-        value = raw_report.get(key)
-        if isinstance(value, list | tuple):
-            return len(value)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
+    """How many rounds report.json records as lost (``RunReport.lost_rounds``); None in a report without them."""
+    value = raw_report.get("lost_rounds")
+    return len(value) if isinstance(value, list) else None
 
 
 class Federation:

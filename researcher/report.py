@@ -1,9 +1,12 @@
 """What a federated run did, round by round: accuracy, loss, privacy spent, who took part, where time went.
 
-``RoundRecord`` is a frozen value; ``RunReport`` only appends them, in increasing round order, so a
-report reloaded after a crash (``load_json``) continues where the saved one stopped. ``save_json``
+``RoundRecord`` (a completed round) and ``LostRound`` (a round that could not finish after some site
+had released its masked input, so it could never be retried: which sites spent, where it failed and
+why) are frozen values; ``RunReport`` only appends them, in increasing round order and each round once,
+so a report reloaded after a crash (``load_json``) continues where the saved one stopped. ``save_json``
 replaces the file atomically; ``plot_png`` draws accuracy and each site's cumulative epsilon against
-the round, with matplotlib's Agg canvas (no display, no pyplot global state). Nothing here prints.
+the round, lost rounds marked, with matplotlib's Agg canvas (no display, no pyplot global state).
+Nothing here prints.
 """
 
 from __future__ import annotations
@@ -139,32 +142,129 @@ class RoundRecord:
         return RoundRecord(**{name: raw[name] for name in fields + optional if name in raw})
 
 
+def _reasons(name: str, values: Any) -> Mapping[str, str]:
+    if not isinstance(values, Mapping) or not all(isinstance(k, str) and k and isinstance(v, str) and v
+                                                  for k, v in values.items()):
+        raise RunReportError(f"{name} must be a mapping of site -> non-empty reason, got {values!r}")
+    return MappingProxyType(dict(values))
+
+
+@dataclass(frozen=True, kw_only=True)
+class LostRound:
+    """A round that could not finish after some site had released its masked input for it.
+
+    A site that released a round has spent privacy on it and refuses any second session of it
+    (``policies.site_runtime``), so the round is never retried: the global model stays as it was and
+    the run goes on with the next round. The spend is real: the released sites' ledgers hold it.
+    """
+
+    round_index: int  # 0-based round of the run
+    attempt: int  # the secure-sum session (attempt) that was lost
+    stage: str  # the secure-sum stage at which it could not go on (e.g. consistency_check)
+    reason: str  # why, as the researcher saw it (too few answers, or a site's refusal)
+    released: tuple[str, ...]  # sites known to have released their masked input for this round (>= 1): they spent
+    # released site -> its cumulative epsilon after this round, as it reported; a site missing here said it
+    # had run the round (a refusal of a new session) without saying how much: its ledger knows
+    epsilon_spent: Mapping[str, float] = field(default_factory=dict)
+    unconfirmed: tuple[str, ...] = ()  # sites sent the masked-input stage that never answered: may have spent
+    drop_reasons: Mapping[str, str] = field(default_factory=dict)  # site -> why it stopped answering
+    seconds: Mapping[str, float] = field(default_factory=dict)  # stage -> wall seconds, >= 0
+
+    def __post_init__(self) -> None:
+        for name in ("round_index", "attempt"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise RunReportError(f"{name} must be an int >= 0, got {value!r}")
+        for name in ("stage", "reason"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise RunReportError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        released = _site_names("released", self.released)
+        unconfirmed = _site_names("unconfirmed", self.unconfirmed)
+        if not released:
+            raise RunReportError("released is empty: a round no site released is retried, not lost")
+        if set(released) & set(unconfirmed):
+            raise RunReportError(f"sites {sorted(set(released) & set(unconfirmed))} are both released and unconfirmed")
+        epsilon = _number_map("epsilon_spent", self.epsilon_spent)
+        if not set(epsilon) <= set(released):
+            raise RunReportError(f"epsilon_spent names {sorted(set(epsilon) - set(released))}, which did not release")
+        object.__setattr__(self, "released", released)
+        object.__setattr__(self, "unconfirmed", unconfirmed)
+        object.__setattr__(self, "epsilon_spent", epsilon)
+        object.__setattr__(self, "drop_reasons", _reasons("drop_reasons", self.drop_reasons))
+        object.__setattr__(self, "seconds", _number_map("seconds", self.seconds))
+
+    def summary(self) -> str:
+        """One line for a progress bar or a status view."""
+        spent = ", ".join(f"{site} (epsilon {self.epsilon_spent[site]:.2f})" if site in self.epsilon_spent
+                          else f"{site} (not reported: see its ledger)" for site in self.released)
+        maybe = f"; may have spent: {', '.join(self.unconfirmed)}" if self.unconfirmed else ""
+        return f"round {self.round_index} lost at {self.stage}: {self.reason}; spent by {spent}{maybe}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"round_index": self.round_index, "attempt": self.attempt, "stage": self.stage, "reason": self.reason,
+                "released": list(self.released), "epsilon_spent": dict(self.epsilon_spent),
+                "unconfirmed": list(self.unconfirmed), "drop_reasons": dict(self.drop_reasons),
+                "seconds": dict(self.seconds)}
+
+    @staticmethod
+    def from_dict(raw: Mapping[str, Any]) -> LostRound:
+        keys = ("round_index", "attempt", "stage", "reason", "released", "epsilon_spent", "unconfirmed",
+                "drop_reasons", "seconds")
+        if not isinstance(raw, Mapping) or set(raw) != set(keys):
+            got = sorted(raw) if isinstance(raw, Mapping) else type(raw).__name__
+            raise RunReportError(f"a lost round record needs exactly the keys {list(keys)}, got {got}")
+        return LostRound(**{name: raw[name] for name in keys})
+
+
 class RunReport:
-    """The append-only list of a run's round records."""
+    """The append-only list of a run's round records: completed rounds and lost ones."""
 
     def __init__(self, *, run_id: str) -> None:
         if not isinstance(run_id, str) or not run_id:
             raise RunReportError(f"run_id must be a non-empty string, got {run_id!r}")
         self.run_id = run_id
         self._rounds: list[RoundRecord] = []
+        self._lost: list[LostRound] = []
 
     @property
     def rounds(self) -> tuple[RoundRecord, ...]:
+        """The completed rounds, whose updates the global model holds."""
         return tuple(self._rounds)
+
+    @property
+    def lost_rounds(self) -> tuple[LostRound, ...]:
+        """The rounds lost after a release: never applied, never retried; who spent on them and why."""
+        return tuple(self._lost)
+
+    @property
+    def last_round_index(self) -> int | None:
+        """The latest round recorded, completed or lost (None before the first): a run goes on after it."""
+        indices = [r.round_index for r in self._rounds[-1:]] + [r.round_index for r in self._lost[-1:]]
+        return max(indices, default=None)
+
+    def _check_next(self, round_index: int) -> None:
+        last = self.last_round_index
+        if last is not None and round_index <= last:
+            raise RunReportError(f"round {round_index} comes after round {last}: each round is recorded once, "
+                                 "completed or lost, in order")
 
     def append_round(self, record: RoundRecord) -> None:
         """Record a completed round; round indices strictly increase (a gap is a round lost to a crash)."""
         if not isinstance(record, RoundRecord):
             raise RunReportError(f"append_round takes a RoundRecord, got {type(record).__name__}")
-        if self._rounds and record.round_index <= self._rounds[-1].round_index:
-            raise RunReportError(
-                f"round {record.round_index} comes after round {self._rounds[-1].round_index}: "
-                "each round is recorded once, in order"
-            )
+        self._check_next(record.round_index)
         self._rounds.append(record)
 
+    def append_lost(self, record: LostRound) -> None:
+        """Record a lost round; it takes its place in the one order of round indices."""
+        if not isinstance(record, LostRound):
+            raise RunReportError(f"append_lost takes a LostRound, got {type(record).__name__}")
+        self._check_next(record.round_index)
+        self._lost.append(record)
+
     def to_dict(self) -> dict[str, Any]:
-        return {"format": REPORT_FORMAT, "run_id": self.run_id, "rounds": [r.to_dict() for r in self._rounds]}
+        return {"format": REPORT_FORMAT, "run_id": self.run_id, "rounds": [r.to_dict() for r in self._rounds],
+                "lost_rounds": [r.to_dict() for r in self._lost]}
 
     def save_json(self, path: Path) -> None:
         """Replace ``path`` with this report, all or nothing."""
@@ -176,38 +276,53 @@ class RunReport:
         raw = read_json(Path(path))
         if not isinstance(raw, dict) or raw.get("format") != REPORT_FORMAT or not isinstance(raw.get("rounds"), list):
             raise RunReportError(f"{path} is not a {REPORT_FORMAT} document")
+        lost = raw.get("lost_rounds", [])  # absent from reports written before lost rounds were recorded
+        if not isinstance(lost, list):
+            raise RunReportError(f"{path}: lost_rounds must be a list, got {type(lost).__name__}")
         report = cls(run_id=raw.get("run_id"))  # type: ignore[arg-type]  # checked by the constructor
-        for entry in raw["rounds"]:
-            report.append_round(RoundRecord.from_dict(entry))
+        records: list[RoundRecord | LostRound] = [RoundRecord.from_dict(entry) for entry in raw["rounds"]]
+        records += [LostRound.from_dict(entry) for entry in lost]
+        for record in sorted(records, key=lambda r: r.round_index):
+            if isinstance(record, LostRound):
+                report.append_lost(record)
+            else:
+                report.append_round(record)
         return report
 
     def plot_png(self, path: Path) -> None:
-        """Two panels against the round: accuracy, and each site's cumulative epsilon."""
-        if not self._rounds:
-            raise RunReportError("the report has no rounds to plot: append_round first")
+        """Two panels against the round: accuracy, and each site's cumulative epsilon; lost rounds marked."""
+        if not self._rounds and not self._lost:
+            raise RunReportError("the report has no rounds to plot: append_round or append_lost first")
         figure = Figure(figsize=(10, 4), dpi=100, layout="constrained")
         FigureCanvasAgg(figure)
         accuracy_axes = figure.add_subplot(1, 2, 1)
         epsilon_axes = figure.add_subplot(1, 2, 2)
-        rounds = [r.round_index for r in self._rounds]
-        accuracy_axes.plot(rounds, [r.accuracy for r in self._rounds], marker="o", label="global model")
-        before = [(r.round_index, r.uncalibrated_accuracy) for r in self._rounds if r.uncalibrated_accuracy is not None]
-        if before:
-            accuracy_axes.plot([x for x, _ in before], [y for _, y in before], marker="x", linestyle="--",
-                               label="before the bias calibration")
-            accuracy_axes.legend()
-        accuracy_axes.set(xlabel="round", ylabel="test accuracy", title="Global model accuracy")
-        accuracy_axes.grid(alpha=0.3)
-        sites = sorted({site for r in self._rounds for site in r.epsilon_spent})
-        for site in sites:
-            points = [(r.round_index, r.epsilon_spent[site]) for r in self._rounds if site in r.epsilon_spent]
-            epsilon_axes.plot([x for x, _ in points], [y for _, y in points], marker="o", label=site)
-        epsilon_axes.set(xlabel="round", ylabel="epsilon spent (cumulative)", title="Privacy spent per site")
-        epsilon_axes.grid(alpha=0.3)
-        if sites:
-            epsilon_axes.legend()
+        self._plot_accuracy(accuracy_axes)
+        self._plot_epsilon(epsilon_axes)
         for axes in (accuracy_axes, epsilon_axes):
+            for number, lost in enumerate(self._lost):  # never applied to the model, but paid for
+                axes.axvline(lost.round_index, color="tab:red", linestyle=":", label="lost round" if number == 0 else None)
             axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
+            axes.grid(alpha=0.3)
+            if axes.get_legend_handles_labels()[0]:
+                axes.legend()
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png")
         write_bytes_atomic(Path(path), buffer.getvalue())
+
+    def _plot_accuracy(self, axes: Any) -> None:
+        axes.plot([r.round_index for r in self._rounds], [r.accuracy for r in self._rounds], marker="o",
+                  label="global model")
+        before = [(r.round_index, r.uncalibrated_accuracy) for r in self._rounds if r.uncalibrated_accuracy is not None]
+        if before:
+            axes.plot([x for x, _ in before], [y for _, y in before], marker="x", linestyle="--",
+                      label="before the bias calibration")
+        axes.set(xlabel="round", ylabel="test accuracy", title="Global model accuracy")
+
+    def _plot_epsilon(self, axes: Any) -> None:
+        spends: list[RoundRecord | LostRound] = sorted([*self._rounds, *self._lost], key=lambda r: r.round_index)
+        # (lost rounds were paid for too)
+        for site in sorted({site for r in spends for site in r.epsilon_spent}):
+            points = [(r.round_index, r.epsilon_spent[site]) for r in spends if site in r.epsilon_spent]
+            axes.plot([x for x, _ in points], [y for _, y in points], marker="o", label=site)
+        axes.set(xlabel="round", ylabel="epsilon spent (cumulative)", title="Privacy spent per site")

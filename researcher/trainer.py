@@ -7,6 +7,10 @@ subset, and is checkpointed (safetensors) with the JSON report and its plot. Eve
 resume is in ``run_dir``: if the researcher's process dies, ``FederatedTrainer(...).run()`` continues
 after the last checkpointed round, with a fresh secure-sum attempt number so that no site sees a
 session id twice.
+
+A round lost after a release (``researcher.lost_rounds``) is recorded in the report and skipped: the
+global model stays as the last checkpoint has it, so no checkpoint is written for it, and a resume
+goes on after the latest round the checkpoints or the report's lost rounds name.
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ from researcher.calibration import (
 from researcher.checkpoints import load_latest, restore_into, save_checkpoint
 from researcher.evaluation import load_test_subset
 from researcher.fedavg import apply_flat_delta, flatten_trainable
-from researcher.federation import SiteHandle, run_round
-from researcher.report import RoundRecord, RunReport
+from researcher.federation import RoundOutcome, SiteHandle, SiteRefusedError, run_round
+from researcher.lost_rounds import RoundLostError, lost_by_refusal
+from researcher.report import LostRound, RoundRecord, RunReport
 
 logger = logging.getLogger("fedsite.researcher")
 
@@ -53,7 +58,7 @@ class TrainerSettings:
     test_seed: int = 0  # which reviews
     eval_batch_size: int = 64
     server_lr: float = 1.0  # FedAvg server step size (1.0 = plain average)
-    attempts_per_round: int = 3  # secure-sum sessions to try before giving up on a round
+    attempts_per_round: int = 3  # secure-sum sessions to try before giving up on a round (only before any release)
     progress: bool = True  # a tqdm bar over rounds
     # Public, unlabelled texts of the population the model is for: after each round the classifier's
     # bias is shifted so that positive_share of them are predicted label 1 (researcher.calibration).
@@ -102,12 +107,14 @@ class FederatedTrainer:
 
     def _resume(self) -> None:
         checkpoint = load_latest(self.run_dir)
-        if checkpoint is None:
-            return
-        restore_into(self.model, checkpoint)
-        self.next_round = checkpoint.round_index + 1
+        if checkpoint is not None:
+            restore_into(self.model, checkpoint)
+            self.next_round = checkpoint.round_index + 1
         if (self.run_dir / REPORT_FILE).exists():
             self.report = RunReport.load_json(self.run_dir / REPORT_FILE)
+            # a lost round leaves the model as it was, so no checkpoint marks it: the report does
+            lost = [r.round_index + 1 for r in self.report.lost_rounds]
+            self.next_round = max([self.next_round, *lost])
 
     def _claim_attempts(self, round_index: int) -> int:
         """The first attempt number for this round, persisted before use so a restart never reuses one."""
@@ -130,16 +137,41 @@ class FederatedTrainer:
         for round_index in iterator:
             record = self.run_one_round(round_index)
             if self.settings.progress:
-                iterator.set_postfix(accuracy=f"{record.accuracy:.3f}",
-                                     epsilon=f"{max(record.epsilon_spent.values(), default=0.0):.2f}",
-                                     **({"dropped": ",".join(record.dropped)} if record.dropped else {}))
+                iterator.set_postfix(self._postfix(record))
+                if isinstance(record, LostRound):
+                    iterator.write(record.summary())
         return self.report
 
-    def run_one_round(self, round_index: int) -> RoundRecord:
+    def _postfix(self, record: RoundRecord | LostRound) -> dict[str, str]:
+        """What the progress bar shows after a round: accuracy, epsilon, dropped sites, lost rounds."""
+        shown = {"accuracy": f"{record.accuracy:.3f}"} if isinstance(record, RoundRecord) else {}
+        shown["epsilon"] = f"{max(record.epsilon_spent.values(), default=0.0):.2f}"
+        if isinstance(record, RoundRecord) and record.dropped:
+            shown["dropped"] = ",".join(record.dropped)
+        if self.report.lost_rounds:
+            shown["lost"] = ",".join(str(lost.round_index) for lost in self.report.lost_rounds)
+        return shown
+
+    def _secure_sum(self, round_index: int) -> RoundOutcome | LostRound:
+        """The round's secure sum over the sites, or the record of its loss after a release."""
         vector, _ = flatten_trainable(self.model)
-        outcome = run_round(self.sites, self.plan, round_index, vector.astype(np.float32),
-                            max_attempts=self.settings.attempts_per_round,
-                            first_attempt=self._claim_attempts(round_index))
+        first_attempt = self._claim_attempts(round_index)
+        try:
+            return run_round(self.sites, self.plan, round_index, vector.astype(np.float32),
+                             max_attempts=self.settings.attempts_per_round, first_attempt=first_attempt)
+        except RoundLostError as lost:
+            return lost.record
+        except SiteRefusedError as refused:
+            revealed = lost_by_refusal(str(refused), round_index, first_attempt)
+            if revealed is None:
+                raise  # a site's policy says no, before any release: the run stops with its reason
+            return revealed
+
+    def run_one_round(self, round_index: int) -> RoundRecord | LostRound:
+        """Run one round and record it: completed (model updated, checkpointed) or lost (model unchanged)."""
+        outcome = self._secure_sum(round_index)
+        if isinstance(outcome, LostRound):
+            return self._record_lost(outcome)
         apply_flat_delta(self.model, self.layout, outcome.average.astype(np.float32), scale=self.settings.server_lr)
         started = time.perf_counter()
         dp = self.plan.dp
@@ -162,4 +194,13 @@ class FederatedTrainer:
         self.report.save_json(self.run_dir / REPORT_FILE)
         self.report.plot_png(self.run_dir / PLOT_FILE)
         self.next_round = round_index + 1
+        return record
+
+    def _record_lost(self, record: LostRound) -> LostRound:
+        """Report a lost round (JSON and plot) and go on after it; the model and its checkpoint stay as they are."""
+        logger.warning("%s", record.summary())
+        self.report.append_lost(record)
+        self.report.save_json(self.run_dir / REPORT_FILE)
+        self.report.plot_png(self.run_dir / PLOT_FILE)
+        self.next_round = record.round_index + 1
         return record

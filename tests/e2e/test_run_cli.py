@@ -117,7 +117,7 @@ def test_a_researcher_runs_a_federation_from_run_toml(  # type: ignore[no-untype
     assert _status_rows(approved_status[1]) == {"site-a": ["approved"], "site-b": ["approved"]}, approved_status
     assert trained[0] == 0, trained[2]
     assert trained[1].strip().endswith(f"run {run_id}: 2 rounds done; `fedsite run report {toml}`")
-    assert final_status[1].rstrip().endswith("rounds: 2 done of 2")
+    assert final_status[1].rstrip().endswith("rounds: 2 done, 0 lost of 2")
     document = json.loads((tmp_path / "out" / "train" / "report.json").read_text())
     assert document["run_id"] == run_id and [r["round_index"] for r in document["rounds"]] == [0, 1]
     assert (tmp_path / "out" / "train" / "report.png").stat().st_size > 0

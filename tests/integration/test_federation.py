@@ -22,6 +22,7 @@ from datasites.review_queue import approve_request, deny_request, list_requests,
 from datasites.server import InProcessSite, launch_in_process
 from models import build_from_spec
 from policies import site_runtime
+from policies.accounting import epsilon_of
 from policies.audit import AuditLog
 from policies.budget import BudgetBook, PrivacyBudget
 from policies.dp import local_dp_round
@@ -29,7 +30,7 @@ from policies.federated_plan import FederatedPlan
 from policies.ledger import PrivacyLedger
 from policies.secagg import AdvertiseKeys, MaskedInput, ShareKeys, SignedSurvivors
 from policies.site_runtime import encode_vector
-from policies.submission import SubmissionError
+from policies.submission import SubmissionError, function_name
 from researcher.checkpoints import load_latest, restore_into
 from researcher.evaluation import evaluate, load_test_subset, predict_logits
 from researcher.fedavg import flatten_trainable
@@ -73,12 +74,15 @@ class Federation:
         for handle in self.handles:
             submit(handle, plan, self.workdir / "functions")
 
-    def pending(self, name: str) -> str:
-        return next(r.request_id for r in list_requests(self.admins[name]) if r.status == "pending")
+    def pending(self, name: str, plan: dict[str, Any]) -> str:
+        """The pending request of ``plan``'s run at site ``name`` (other tests may leave requests of theirs)."""
+        function = function_name(plan["run_id"])
+        return next(r.request_id for r in list_requests(self.admins[name])
+                    if r.status == "pending" and r.function == function)
 
-    def approve_all(self) -> None:
+    def approve_all(self, plan: dict[str, Any]) -> None:
         for name, site in self.sites.items():
-            approve_request(self.admins[name], site.site, self.pending(name), admin=site.meta.admin_email)
+            approve_request(self.admins[name], site.site, self.pending(name, plan), admin=site.meta.admin_email)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +112,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory, imdb_train: pd.DataFram
 def approved(federation: Federation) -> FederatedPlan:
     raw = federation.plan()
     federation.submit_all(raw)
-    federation.approve_all()
+    federation.approve_all(raw)
     return FederatedPlan.parse(raw)
 
 
@@ -116,7 +120,8 @@ def test_review_shows_code_plan_privacy_and_dry_run(federation: Federation) -> N
     raw = federation.plan()
     submit(federation.handles[0], raw, federation.workdir / "functions")
 
-    report = review_request(federation.admins["site-a"], federation.sites["site-a"].site, federation.pending("site-a"))
+    report = review_request(federation.admins["site-a"], federation.sites["site-a"].site,
+                            federation.pending("site-a", raw))
 
     assert report.problems == ()
     assert report.code_review.verdict == "clean"
@@ -143,6 +148,7 @@ def test_two_rounds_train_and_spend_on_every_site(federation: Federation, approv
         return local_dp_round(*args, **kwargs)
 
     monkeypatch.setattr(site_runtime, "local_dp_round", recording_round)
+    events_before = {name: len(AuditLog(site.site.path).events()) for name, site in federation.sites.items()}
     vector = federation.vector.astype(np.float32)
     outcomes = []
     for round_index in range(2):
@@ -154,10 +160,13 @@ def test_two_rounds_train_and_spend_on_every_site(federation: Federation, approv
     assert devices == ["cpu:0"] * 6  # three sites, two rounds, each on the device its owner launched it with
     assert all(0 < np.abs(o.average).max() <= 0.5 for o in outcomes)
     for name, site in federation.sites.items():
+        # Other tests of this module spend at the same sites, before or after: look at this run's records only
         ledger = PrivacyLedger(site.site.path, "imdb", federation.researcher_ids[name], site=name)
-        assert [r.round_index for r in ledger.records()] == [0, 1]
-        assert ledger.spent() == pytest.approx(3.0, abs=0.1)
-        kinds = [event.kind for event in AuditLog(site.site.path).events()]
+        records = [r for r in ledger.records() if r.run_id == approved.run_id]
+        assert [r.round_index for r in records] == [0, 1]
+        this_run = epsilon_of([r.history_entry() for r in records], delta=1e-5, accountant=ledger.accountant)
+        assert this_run == pytest.approx(3.0, abs=0.1)
+        kinds = [event.kind for event in AuditLog(site.site.path).events()[events_before[name]:]]
         assert kinds.count("privacy_spent") == 2 and kinds.count("output_released") == 2
         assert kinds.index("privacy_spent") < kinds.index("output_released")
 
@@ -167,15 +176,23 @@ def test_an_extra_round_is_refused(federation: Federation, approved: FederatedPl
         run_round(federation.handles, approved, 2, federation.vector)
 
 
-def test_a_replayed_round_is_refused(federation: Federation, approved: FederatedPlan) -> None:
+def test_a_replayed_round_is_refused(federation: Federation) -> None:
+    # Prepare: a run of its own whose round 0 has run (other tests' runs may or may not have run yet)
+    raw = federation.plan(dp={"rounds": 1, "target_epsilon": 0.5})
+    federation.submit_all(raw)
+    federation.approve_all(raw)
+    plan = FederatedPlan.parse(raw)
+    run_round(federation.handles, plan, 0, federation.vector)
+
+    # Execute / Assert: round 0 again, as a new session (attempt 5), is refused
     with pytest.raises(SiteRefusedError, match=r"site-a: round 0 already ran here: a replayed round is refused"):
-        run_round(federation.handles, approved, 0, federation.vector, first_attempt=5)
+        run_round(federation.handles, plan, 0, federation.vector, first_attempt=5)
 
 
 def test_a_fake_dropout_claim_cannot_unmask_a_live_site(federation: Federation) -> None:
     raw = federation.plan(dp={"rounds": 1})
     federation.submit_all(raw)
-    federation.approve_all()
+    federation.approve_all(raw)
     plan = FederatedPlan.parse(raw)
     attack = FederatedRound(federation.handles, plan, 0, 0)
     agg = attack.aggregator
@@ -204,14 +221,16 @@ def test_changed_code_and_forged_roster_are_refused_at_review(federation: Federa
     forged["roster"][0][1] = Ed25519PrivateKey.generate().public_key().public_bytes_raw().hex()  # an impostor's key
     submit(federation.handles[0], forged, federation.workdir / "functions")
 
-    report = review_request(federation.admins["site-a"], federation.sites["site-a"].site, federation.pending("site-a"),
+    report = review_request(federation.admins["site-a"], federation.sites["site-a"].site,
+                            federation.pending("site-a", forged),
                             with_dry_run=False)
 
     assert any(p.startswith("roster entry site-a carries key") and "KEY DIFFERS from this site's" in p
                for p in report.problems)
     assert [entry.status for entry in report.roster][1:] == ["pinned", "pinned"]
     with pytest.raises(FedsiteError, match=r"cannot be approved: roster entry site-a carries key"):
-        approve_request(federation.admins["site-a"], federation.sites["site-a"].site, federation.pending("site-a"),
+        approve_request(federation.admins["site-a"], federation.sites["site-a"].site,
+                        federation.pending("site-a", forged),
                         admin="admin")
 
 
@@ -219,7 +238,8 @@ def test_an_over_budget_plan_is_refused_at_review(federation: Federation) -> Non
     greedy = federation.plan(dp={"target_epsilon": None, "noise_multiplier": 0.3, "rounds": 50})
     submit(federation.handles[1], greedy, federation.workdir / "functions")
 
-    report = review_request(federation.admins["site-b"], federation.sites["site-b"].site, federation.pending("site-b"),
+    report = review_request(federation.admins["site-b"], federation.sites["site-b"].site,
+                            federation.pending("site-b", greedy),
                             with_dry_run=False)
 
     assert any(p.startswith("privacy: site 'site-b' refuses the plan") and "over the budget epsilon=8" in p
@@ -229,7 +249,7 @@ def test_an_over_budget_plan_is_refused_at_review(federation: Federation) -> Non
 def test_the_researcher_resumes_after_its_process_dies(federation: Federation, tmp_path: Path) -> None:
     raw = federation.plan(dp={"rounds": 2})
     federation.submit_all(raw)
-    federation.approve_all()
+    federation.approve_all(raw)
     settings = TrainerSettings(run_dir=tmp_path / "run", imdb_source=str(IMDB_DIR), test_size=40, progress=False)
     first = FederatedTrainer(federation.handles, raw, settings)
     first.run_one_round(0)
@@ -247,7 +267,7 @@ def test_the_trainer_calibrates_the_bias_on_public_texts(federation: Federation,
     # Prepare: a one-round plan, and public reviews (a few of them among the evaluated ones)
     raw = federation.plan(dp={"rounds": 1, "target_epsilon": 1.0})
     federation.submit_all(raw)
-    federation.approve_all()
+    federation.approve_all(raw)
     evaluated = load_test_subset(IMDB_DIR, 40, 0)
     public = [*load_test_subset(IMDB_DIR, 60, 5)["text"], *evaluated["text"][:3]]
     settings = TrainerSettings(run_dir=tmp_path / "run", imdb_source=str(IMDB_DIR), test_size=40, progress=False,
@@ -277,13 +297,19 @@ def test_the_trainer_calibrates_the_bias_on_public_texts(federation: Federation,
 def test_budget_lowered_after_approval_stops_the_next_round(federation: Federation) -> None:
     raw = federation.plan(dp={"rounds": 2})
     federation.submit_all(raw)
-    federation.approve_all()
+    federation.approve_all(raw)
     site_b = federation.sites["site-b"].site
-    lowered = round(PrivacyLedger(site_b.path, "imdb", federation.researcher_ids["site-b"], site="site-b").spent() + 0.01, 2)
-    BudgetBook(site_b.path).set("imdb", PrivacyBudget(epsilon=lowered, delta=1e-5), n_records=160, replace=True)
+    ledger = PrivacyLedger(site_b.path, "imdb", federation.researcher_ids["site-b"], site="site-b")
+    lowered, budget = round(ledger.spent() + 0.01, 2), ledger.budget
+    budgets = BudgetBook(site_b.path)
+    budgets.set("imdb", PrivacyBudget(epsilon=lowered, delta=1e-5), n_records=160, replace=True)
 
-    with pytest.raises(SiteRefusedError, match=rf"site-b: budget exhausted: epsilon would be \d+\.\d\d > {lowered:g}$"):
-        run_round(federation.handles, FederatedPlan.parse(raw), 0, federation.vector)
+    try:
+        with pytest.raises(SiteRefusedError,
+                           match=rf"site-b: budget exhausted: epsilon would be \d+\.\d\d > {lowered:g}$"):
+            run_round(federation.handles, FederatedPlan.parse(raw), 0, federation.vector)
+    finally:  # the module's other tests train at site-b too, before or after this one
+        budgets.set("imdb", budget, n_records=160, replace=True)
 
 
 def test_a_code_request_that_fails_server_side_says_whose_log_has_the_traceback(
@@ -326,7 +352,7 @@ def test_a_run_id_names_exactly_one_function_at_a_site(federation: Federation) -
     with pytest.raises(SubmissionError, match=rf"site-c already has a request for run {raw['run_id']} .* new plan"):
         submit(handle, changed, federation.workdir / "functions")
     assert len(list_requests(admin)) == before + 1
-    deny_request(admin, federation.sites["site-c"].site, federation.pending("site-c"), reason="test", admin="x")
+    deny_request(admin, federation.sites["site-c"].site, federation.pending("site-c", raw), reason="test", admin="x")
 
 
 def test_a_roster_of_researcher_made_sites_is_refused_at_review_and_at_every_stage(federation: Federation) -> None:
@@ -343,13 +369,13 @@ def test_a_roster_of_researcher_made_sites_is_refused_at_review_and_at_every_sta
     site_a, admin_a = federation.sites["site-a"], federation.admins["site-a"]
 
     # Execute: the review, an approval, and (with the plan recorded as approved by hand) a round's first stage
-    report = review_request(admin_a, site_a.site, federation.pending("site-a"), with_dry_run=False)
+    report = review_request(admin_a, site_a.site, federation.pending("site-a", raw), with_dry_run=False)
     with pytest.raises(FedsiteError, match=r"cannot be approved: roster entry site-x \(key [0-9a-f]{16}\) is not pinned"):
-        approve_request(admin_a, site_a.site, federation.pending("site-a"), admin="admin")
-    deny_request(admin_a, site_a.site, federation.pending("site-a"), reason="unpinned roster", admin="admin")
+        approve_request(admin_a, site_a.site, federation.pending("site-a", raw), admin="admin")
+    deny_request(admin_a, site_a.site, federation.pending("site-a", raw), reason="unpinned roster", admin="admin")
     honest = federation.plan(dp={"rounds": 1})
     federation.submit_all(honest)
-    federation.approve_all()
+    federation.approve_all(honest)
     PeerPins(site_a.site.path, own_name="site-a").remove("site-c")  # the admin stops trusting site-c mid-run
     try:
         with pytest.raises(SiteRefusedError, match=r"^site-a: roster entry site-c \(key [0-9a-f]{16}\) is not pinned"):
@@ -369,7 +395,7 @@ def test_a_round_releases_no_timing_and_only_one_attempt_trains(federation: Fede
     # Prepare: a one-round plan, keys shared by two concurrent sessions (attempts 0 and 1) of round 0
     raw = federation.plan(dp={"rounds": 1})
     federation.submit_all(raw)
-    federation.approve_all()
+    federation.approve_all(raw)
     plan = FederatedPlan.parse(raw)
     vector = encode_vector(federation.vector.astype(np.float32))
     sessions = [FederatedRound(federation.handles, plan, 0, attempt) for attempt in (0, 1)]

@@ -71,7 +71,11 @@ def test_quantity_skew_sizes_differ_but_labels_stay_balanced() -> None:
 
     sizes = [s.n for s in stats]
     assert max(sizes) > 2 * min(sizes)
-    assert all(abs(s.positive_fraction - labels.mean()) < 0.1 for s in stats if s.n > 500)
+    # Sites of more than 500 rows keep the overall label balance. The largest site holds at least a quarter
+    # of the 20,000 rows whatever the draw, so the check always covers at least one site.
+    large = [s for s in stats if s.n > 500]
+    assert max(sizes) >= len(labels) // 4 and len(large) >= 1
+    assert all(abs(s.positive_fraction - labels.mean()) < 0.1 for s in large)
 
 
 @pytest.mark.parametrize(

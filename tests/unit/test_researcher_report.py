@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from researcher.report import TIME_KEYS, RoundRecord, RunReport, RunReportError
+from researcher.report import TIME_KEYS, LostRound, RoundRecord, RunReport, RunReportError
 
 pytestmark = pytest.mark.unit
 
@@ -160,3 +160,110 @@ def test_plot_png_of_an_empty_report_is_refused(tmp_path: Path) -> None:
     # Execute / Assert
     with pytest.raises(RunReportError, match="no rounds to plot"):
         RunReport(run_id="run-1").plot_png(tmp_path / "report.png")
+
+
+def _lost(round_index: int, /, **overrides: Any) -> LostRound:
+    fields: dict[str, Any] = {
+        "round_index": round_index, "attempt": 0, "stage": "consistency_check",
+        "reason": "only 1 of the sites ... signed; at least threshold=2 are needed",
+        "released": ["site-a", "site-b"], "epsilon_spent": {"site-a": 0.9}, "unconfirmed": [],
+        "drop_reasons": {"site-b": "consistency_check: ConnectionError: refused"}, "seconds": {"mask_input": 2.5},
+    }
+    fields.update(overrides)
+    return LostRound(**fields)
+
+
+def _report_with_a_lost_round() -> RunReport:
+    report = _report(1)
+    report.append_lost(_lost(1))
+    report.append_round(_record(2))
+    return report
+
+
+def test_a_report_with_a_lost_round_round_trips_in_order(tmp_path: Path) -> None:
+    # Prepare
+    report = _report_with_a_lost_round()
+    path = tmp_path / "report.json"
+
+    # Execute
+    report.save_json(path)
+    loaded = RunReport.load_json(path)
+
+    # Assert: the lost round comes back between the completed ones, with who spent, where and why
+    assert loaded.rounds == report.rounds and loaded.lost_rounds == report.lost_rounds
+    assert [r.round_index for r in loaded.rounds] == [0, 2] and loaded.last_round_index == 2
+    lost = loaded.lost_rounds[0]
+    assert (lost.round_index, lost.stage, lost.released) == (1, "consistency_check", ("site-a", "site-b"))
+    assert json.loads(path.read_text())["lost_rounds"][0]["epsilon_spent"] == {"site-a": 0.9}
+    assert lost.summary() == ("round 1 lost at consistency_check: only 1 of the sites ... signed; at least "
+                              "threshold=2 are needed; spent by site-a (epsilon 0.90), site-b (not reported: "
+                              "see its ledger)")
+
+
+def test_a_lost_round_takes_its_place_in_the_one_order_of_rounds() -> None:
+    report = _report(2)
+
+    with pytest.raises(RunReportError, match="round 1 comes after round 1: each round is recorded once"):
+        report.append_lost(_lost(1))
+    report.append_lost(_lost(2))
+    with pytest.raises(RunReportError, match="round 2 comes after round 2"):
+        report.append_round(_record(2))
+    with pytest.raises(RunReportError, match="append_lost takes a LostRound, got RoundRecord"):
+        report.append_lost(_record(3))  # type: ignore[arg-type]
+    assert report.last_round_index == 2 and len(report.rounds) == 2
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"released": []}, "released is empty: a round no site released is retried, not lost"),
+        ({"epsilon_spent": {"site-c": 1.0}}, r"epsilon_spent names \['site-c'\], which did not release"),
+        ({"unconfirmed": ["site-b"]}, r"sites \['site-b'\] are both released and unconfirmed"),
+        ({"stage": ""}, "stage must be a non-empty string"),
+        ({"attempt": True}, "attempt must be an int >= 0, got True"),
+        ({"drop_reasons": {"site-c": ""}}, "drop_reasons must be a mapping of site -> non-empty reason"),
+    ],
+)
+def test_invalid_lost_rounds_are_refused_with_the_field_and_value(overrides: dict[str, Any], message: str) -> None:
+    with pytest.raises(RunReportError, match=message):
+        _lost(0, **overrides)
+
+
+def test_a_lost_round_record_needs_exactly_its_keys(tmp_path: Path) -> None:
+    path = tmp_path / "report.json"
+    _report_with_a_lost_round().save_json(path)
+    raw = json.loads(path.read_text())
+    del raw["lost_rounds"][0]["stage"]
+    path.write_text(json.dumps(raw))
+
+    with pytest.raises(RunReportError, match="a lost round record needs exactly the keys"):
+        RunReport.load_json(path)
+
+
+def test_a_report_written_before_lost_rounds_were_kept_still_loads(tmp_path: Path) -> None:
+    path = tmp_path / "report.json"
+    _report(2).save_json(path)
+    raw = json.loads(path.read_text())
+    del raw["lost_rounds"]
+    path.write_text(json.dumps(raw))
+
+    loaded = RunReport.load_json(path)
+
+    assert loaded.lost_rounds == () and loaded.last_round_index == 1
+
+
+@pytest.mark.parametrize("report", [_report_with_a_lost_round, lambda: _lost_only()], ids=["between", "only"])
+def test_plot_png_marks_lost_rounds(tmp_path: Path, report: Any) -> None:
+    path = tmp_path / "report.png"
+
+    report().plot_png(path)
+
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE
+    assert (int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")) == (1000, 400)
+
+
+def _lost_only() -> RunReport:
+    report = RunReport(run_id="run-1")
+    report.append_lost(_lost(0))
+    return report

@@ -376,3 +376,142 @@ def test_printable_shows_terminal_escapes_instead_of_obeying_them() -> None:
     shown = printable("line one\n\x1b[2J\x1b[Hfake review\tok\u202egnp.exe\x07")
 
     assert shown == "line one\n\\x1b[2J\\x1b[Hfake review\tok\\u202egnp.exe\\x07"
+
+
+# --- the listing an admin reads: long numeric literals summarised ------------------------------------------
+
+
+def _plan_source(centre: list[float], weight: list[list[float]]) -> str:
+    from policies.submission import render_round_function
+
+    plan = {"run_id": "run-0123456789ab", "model": {"name": None, "centre": centre,
+                                                    "head_init": {"weight": weight, "bias": [-0.25, 0.25]}},
+            "dp": {"rounds": 2}, "roster": [["site-a", "ab" * 32]]}
+    return render_round_function(plan)
+
+
+CENTRE = [(-1) ** i * (0.125 + i / 1024) for i in range(48)]  # negative values parse as a unary minus
+WEIGHT = [[i / 64 - 0.5 for i in range(48)], [0.5 - i / 64 for i in range(48)]]
+
+
+def _digest(values: object) -> str:
+    import json
+
+    return hashlib.sha256(json.dumps(values, separators=(",", ":")).encode("utf-8")).hexdigest()[:16]
+
+
+def test_the_listing_summarises_the_plans_long_vectors_by_shape_norm_and_digest() -> None:
+    # Prepare
+    import math
+
+    from policies.review_render import render_listing, summarise_vectors
+
+    source = _plan_source(CENTRE, WEIGHT)
+
+    # Execute
+    centre, weight = summarise_vectors(source)
+    listing, table = render_listing(source)
+
+    # Assert: each vector stands as one line of the listing, described again under it with its origin
+    assert (centre.where, centre.shape, centre.digest) == ("plan['model']['centre']", (48,), _digest(CENTRE))
+    assert centre.norm == pytest.approx(math.sqrt(sum(v * v for v in CENTRE)), rel=1e-12)
+    assert (weight.where, weight.shape, weight.digest) == ("plan['model']['head_init']['weight']", (2, 48),
+                                                           _digest(WEIGHT))
+    assert len(source.splitlines()) > 140 and len(listing) < 20
+    assert f"'centre': <48 numbers, L2 norm {centre.norm:.6g}, sha256 {centre.digest}>," in "\n".join(listing)
+    assert f"'weight': <2 x 48 numbers, L2 norm {weight.norm:.6g}, sha256 {weight.digest}>}}," in "\n".join(listing)
+    assert "'bias': [-0.25, 0.25]," in "\n".join(listing)  # short lists stay as they are
+    assert "0.125" not in "\n".join(listing) and "`fedsite admin show --full REQUEST`" in table[0]
+    assert table[2] == (f"  plan['model']['centre'] (lines {centre.span[0]}-{centre.span[2]}): 48 numbers, "
+                        f"L2 norm {centre.norm:.6g}, sha256 {centre.digest}")
+    assert "public texts" in table[3] and "the plan records neither the texts nor their digest" in table[3]
+
+
+def test_the_full_listing_is_the_exact_source_and_the_hash_is_of_the_exact_source() -> None:
+    # Prepare
+    from policies.review_render import render_listing
+
+    source = _plan_source(CENTRE, WEIGHT)
+
+    # Execute
+    listing, table = render_listing(source, full=True)
+
+    # Assert
+    assert "\n".join(listing) == source.rstrip() and table == []
+    assert review_code(source).code_sha256 == hashlib.sha256(source.encode("utf-8")).hexdigest()
+
+
+@pytest.mark.parametrize(
+    "literal",
+    ["[1, 2, 3, 4, 5, 6, 7, 8]", "[1, 2, 'three', 4, 5, 6, 7, 8, 9]", "[x, 2, 3, 4, 5, 6, 7, 8, 9]",
+     "[[1, 2, 3, 4, 5], [6, 7, 8, 9]]", "[True, 2, 3, 4, 5, 6, 7, 8, 9]", "[f(1), 2, 3, 4, 5, 6, 7, 8, 9]"],
+)
+def test_only_long_rectangular_literals_of_numbers_are_summarised(literal: str) -> None:
+    from policies.review_render import render_listing, summarise_vectors
+
+    source = f"def f(x):\n    v = {literal}\n    return v\n"
+
+    assert summarise_vectors(source) == ()
+    assert render_listing(source) == (source.rstrip().split("\n"), [])
+
+
+def test_a_literal_after_non_ascii_text_on_its_line_is_spliced_at_the_right_place() -> None:
+    from policies.review_render import render_listing
+
+    source = "def f():\n    é = 'ü'; v = [0, 1, 2, 3, 4, 5, 6, 7, 8]; return v\n"
+
+    listing, _ = render_listing(source)
+
+    assert listing[1].startswith("    é = 'ü'; v = <9 numbers, L2 norm ") and listing[1].endswith(">; return v")
+
+
+def test_unparsable_code_is_listed_in_full() -> None:
+    from policies.review_render import render_listing
+
+    source = "def f(:\n    v = [0, 1, 2, 3, 4, 5, 6, 7, 8]\n"
+
+    assert render_listing(source) == (source.rstrip().split("\n"), [])
+
+
+def test_the_admins_review_summarises_vectors_unless_full() -> None:
+    # Prepare
+    from datasites.review_queue import RequestSummary, ReviewReport
+
+    source = _plan_source(CENTRE, WEIGHT)
+    summary = RequestSummary(request_id="0123456789abcdef0123456789abcdef", function="fedsite_run_0123456789ab",
+                             researcher="0" * 32, researcher_email="rita@uni.org", status="pending")
+    report = ReviewReport(summary, source, review_code(source), None, None, None, None, None)
+
+    # Execute
+    short, full = report.render_text(), report.render_text(full=True)
+
+    # Assert
+    assert f"sha256 {_digest(CENTRE)}" in short and "0.125" not in short
+    assert source.rstrip() in full and "summarised above" not in full
+    assert f"code sha256: {code_hash(source)}" in short and f"code sha256: {code_hash(source)}" in full
+
+
+def test_deeply_nested_code_is_listed_and_code_too_deep_to_parse_is_refused_not_crashed_on() -> None:
+    from policies.review_render import render_listing
+
+    deep = "def f():\n    x = " + "+".join(["1"] * 2000) + "\n"
+    too_deep = "def f():\n    x = " + "+".join(["1"] * 50_000) + "\n"
+
+    assert render_listing(deep) == (deep.rstrip().split("\n"), [])
+    assert render_listing(too_deep) == (too_deep.rstrip().split("\n"), [])
+    with pytest.raises(CodeReviewError, match=r"does not parse: it is nested too deeply to parse"):
+        review_code(too_deep)
+
+
+def test_fedsite_admin_show_takes_full_and_the_demo_out_defaults_to_an_ignored_new_folder() -> None:
+    import re
+
+    from fedsite.cli import build_parser
+    from fedsite.demo import default_out
+
+    parser = build_parser()
+
+    assert parser.parse_args(["admin", "show", "abcdef12", "--full", "--data-dir", "d"]).full is True
+    assert parser.parse_args(["admin", "show", "abcdef12", "--data-dir", "d"]).full is False
+    assert parser.parse_args(["demo", "--quick"]).out is None
+    assert re.fullmatch(r"runs/demo-\d{8}T\d{6}Z", default_out().as_posix())  # /runs/ is in .gitignore

@@ -173,8 +173,8 @@ def test_steps_before_submit_and_after_a_change_are_refused(tmp_path: Path) -> N
 
 def test_lost_rounds_are_read_where_the_report_has_them() -> None:
     assert lost_rounds({"rounds": []}) is None
-    assert lost_rounds({"lost": [{"round_index": 1}]}) == 1
-    assert lost_rounds({"lost_rounds": 2}) == 2
+    assert lost_rounds({"rounds": [], "lost_rounds": []}) == 0
+    assert lost_rounds({"rounds": [], "lost_rounds": [{"round_index": 1}, {"round_index": 2}]}) == 2
 
 
 def test_init_writes_once_and_refuses_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -206,6 +206,7 @@ def test_status_renders_each_site_with_the_denial_reason() -> None:
 
 def test_the_report_shows_accuracy_with_its_standard_error_and_epsilon_per_site() -> None:
     from fedsite.run_cli import render_report
+    from researcher.report import LostRound
 
     # Prepare: round 0 without a standard error of its own (binomial over 100 reviews), round 1 with one
     rounds = [{"round_index": 0, "accuracy": 0.5, "mean_loss": 0.69, "epsilon_spent": {"site-a": 4.0, "site-b": 4.1},
@@ -214,7 +215,9 @@ def test_the_report_shows_accuracy_with_its_standard_error_and_epsilon_per_site(
                "epsilon_spent": {"site-a": 8.0}, "dropped": ["site-b"]}]
 
     # Execute
-    text = render_report({"run_id": "run-0123456789ab", "rounds": rounds, "lost": ["round 2: site-c died"]},
+    lost = LostRound(round_index=2, attempt=0, stage="consistency_check", reason="too few answers",
+                     released=("site-a",), epsilon_spent={"site-a": 9.0})
+    text = render_report({"run_id": "run-0123456789ab", "rounds": rounds, "lost_rounds": [lost.to_dict()]},
                          test_size=100)
 
     # Assert
@@ -223,7 +226,7 @@ def test_the_report_shows_accuracy_with_its_standard_error_and_epsilon_per_site(
     assert lines[1].split() == ["round", "accuracy", "loss", "eps", "site-a", "eps", "site-b"]
     assert lines[2].split() == ["0", "0.500", "+-", "0.050", "0.6900", "4.000", "4.100"]
     assert lines[3].split() == ["1", "0.750", "+-", "0.010", "0.6000", "8.000", "-", "dropped:", "site-b"]
-    assert lines[4] == "lost: round 2: site-c died"
+    assert lines[4] == ("lost: round 2 lost at consistency_check: too few answers; spent by site-a (epsilon 9.00)")
 
 
 def test_a_site_that_does_not_answer_shows_as_unreachable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
