@@ -11,6 +11,7 @@ from typing import Any
 from datasites.admin_views import render_approval, render_ledgers, render_requests
 from datasites.errors import FedsiteError
 from datasites.request_ids import MIN_PREFIX, SHORT_ID, find_request, pending_request, request_prefix
+from fedsite.run_cli import add_run_parser
 from policies.syft_patches import SyftVersionError
 
 RESEARCHER_PASSWORD_ENV = "FEDSITE_RESEARCHER_PASSWORD"
@@ -251,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_review_commands(admin_command)
     _add_audit_commands(admin_command)
     _add_demo_parser(sub)
+    add_run_parser(sub)
     return parser
 
 

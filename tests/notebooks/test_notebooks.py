@@ -45,6 +45,8 @@ EXPECTED = {
     ),
     "03_researcher_federated_training.ipynb": (
         r"'dry_run': True",
+        r"site +status +reason\nsite-a +pending\nsite-b +pending\nsite-c +pending\nrounds: 0 done of 2\n",
+        r"site-a +approved\nsite-b +approved\nsite-c +approved\nrounds: 0 done of 2\n",
         r"run run-[0-9a-f]{12}: 2 rounds; files in the run folder: .*report\.png",
         r"refused: site-a: round 2 is beyond the 2 approved rounds \(0\.\.1\)",
     ),
