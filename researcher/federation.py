@@ -233,7 +233,8 @@ class FederatedRound:
         message = {"round": self.round_index, "attempt": self.attempt, **extra}
         try:
             with quiet():
-                result = getattr(site.client.code, self.function)(data=site.asset(), stage=stage, message=message)
+                result = getattr(site.client.code, self.function)(data=site.asset(), stage=Stage(stage).value,
+                                                                 message=message)  # syft sends plain str
             reply = result.get() if hasattr(result, "get") and not isinstance(result, dict) else result
         except Exception as exc:  # noqa: BLE001 - a site that cannot answer drops out of the session
             refused = find_refusal(str(exc))  # the site's guard or gate said no: not a dropout

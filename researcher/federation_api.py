@@ -19,13 +19,17 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from policies.durable import read_json, write_json_atomic
 from policies.submission import function_name
 from policies.syft_client import SiteConnectionError, login, quiet
 from researcher.run_config import RunConfig, SiteEntry, load_run_config
 from researcher.trainer import PLOT_FILE, REPORT_FILE
+
+if TYPE_CHECKING:
+    from policies.contracts import DryRun
+    from policies.federated_plan import FederatedPlan
 
 STATE_FILE = "run.json"
 PLAN_FILE = "plan.json"
@@ -122,10 +126,12 @@ class Federation:
     def run_id(self) -> str:
         return str(self._state()["run_id"])
 
-    def plan(self) -> dict[str, Any]:
+    def plan(self) -> FederatedPlan:
         """The plan the sites were sent; refuses before ``submit`` and when run.toml changed since."""
+        from policies.federated_plan import FederatedPlan
+
         self._state()
-        return dict(read_json(self.output_dir / PLAN_FILE))
+        return FederatedPlan.parse(read_json(self.output_dir / PLAN_FILE))
 
     def _state(self) -> dict[str, Any]:
         path = self.output_dir / STATE_FILE
@@ -180,7 +186,7 @@ class Federation:
             return texts
         return list(public.texts)
 
-    def make_plan(self) -> dict[str, Any]:
+    def make_plan(self) -> FederatedPlan:
         """A new plan from run.toml (a fresh run id), checked by the parser the sites use; sends nothing."""
         from models import build_from_spec, with_public_start
         from policies.dp import DPPlan
@@ -194,21 +200,20 @@ class Federation:
             spec = with_public_start(spec, self.public_texts(), max_length=dp.max_length, tail_tokens=dp.tail_tokens)
         vector_length = len(flatten_trainable(build_from_spec(spec)[0])[0])
         roster = [SiteHandle(name=site.name, client=None, identity_key=site.identity_key) for site in config.sites]
-        plan = make_plan(sites=roster, model=spec, dp=config.dp, vector_length=vector_length,
+        return make_plan(sites=roster, model=spec, dp=config.dp, vector_length=vector_length,
                          threshold=config.threshold, dataset=config.dataset)
-        return dict(plan) if isinstance(plan, Mapping) else dict(plan.to_dict())
 
-    def prepare(self) -> dict[str, Any]:
+    def prepare(self) -> FederatedPlan:
         """The run's plan: made from run.toml and saved in the output dir the first time, read back after."""
         if not self.planned():
             plan = self.make_plan()
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(self.output_dir / PLAN_FILE, plan)
-            write_json_atomic(self.output_dir / STATE_FILE, {"run_id": plan["run_id"],
+            write_json_atomic(self.output_dir / PLAN_FILE, plan.to_dict())
+            write_json_atomic(self.output_dir / STATE_FILE, {"run_id": plan.run_id,
                                                              "config_digest": self.config.digest()})
         return self.plan()
 
-    def dry_run(self, site: int = 0) -> dict[str, Any]:
+    def dry_run(self, site: int = 0) -> DryRun:
         """The exact round function of ``prepare()``'s plan, run here on one site's mock (nothing is sent)."""
         from researcher.federation import dry_run_on_mock
 
@@ -225,7 +230,7 @@ class Federation:
         plan = self.prepare()
         outcome = {}
         for handle in self.handles():
-            if self._request(handle, str(plan["run_id"])) is not None:
+            if self._request(handle, plan.run_id) is not None:
                 outcome[handle.name] = "already submitted"
                 continue
             submit(handle, plan, self.output_dir / FUNCTIONS_DIR)
@@ -241,7 +246,7 @@ class Federation:
         if self.report_path.is_file():
             raw = read_json(self.report_path)
             done, lost = len(raw.get("rounds", [])), lost_rounds(raw)
-        return RunStatus(run_id=run_id, sites=sites, rounds_planned=int(self.plan()["dp"]["rounds"]),
+        return RunStatus(run_id=run_id, sites=sites, rounds_planned=self.plan().dp.rounds,
                          rounds_done=done, rounds_lost=lost)
 
     def train(self, *, progress: bool = True) -> Any:

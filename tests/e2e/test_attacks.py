@@ -40,12 +40,12 @@ from models import build_from_spec
 from policies.approvals import ApprovalRegistry
 from policies.audit import ApiCallRefused, AuditLog, OutputReleased, PrivacySpent
 from policies.budget import PrivacyBudget
+from policies.contracts import encode_vector
 from policies.federated_plan import FederatedPlan
 from policies.identity import key_fingerprint
 from policies.ledger import PrivacyLedger
 from policies.review import code_hash
 from policies.secagg import AdvertiseKeys, ShareKeys
-from policies.site_runtime import encode_vector
 from policies.submission import function_name, render_round_function
 from policies.syft_client import login, quiet
 from researcher.fedavg import flatten_trainable

@@ -29,12 +29,13 @@ from models import build_from_spec
 from policies.approvals import ApprovalRegistry
 from policies.audit import ApiCallRefused, AuditLog, PrivacySpent
 from policies.budget import PrivacyBudget
+from policies.contracts import encode_vector
 from policies.federated_plan import FederatedPlan
 from policies.identity import key_fingerprint
 from policies.ledger import PrivacyLedger
 from policies.review import code_hash
 from policies.secagg import AdvertiseKeys, MaskedInput, ShareKeys, SignedSurvivors
-from policies.site_runtime import STAGES, encode_vector
+from policies.site_runtime import STAGES
 from policies.submission import function_name
 from policies.syft_client import login, quiet
 from researcher.fedavg import flatten_trainable
@@ -397,8 +398,9 @@ def test_an_over_budget_plan_is_refused_at_review(federation: HttpFederation) ->
 def test_a_forged_roster_is_refused_at_review(federation: HttpFederation) -> None:
     own = federation.handles["site-a"].identity_key
     other = Ed25519PrivateKey.generate().public_key().public_bytes_raw().hex()
-    forged = federation.plan(dp={"target_epsilon": None, "noise_multiplier": 1.0})
-    forged["roster"][0][1] = other
+    raw = federation.plan(dp={"target_epsilon": None, "noise_multiplier": 1.0}).to_dict()
+    raw["roster"][0][1] = other
+    forged = FederatedPlan.parse(raw)
 
     report = federation.review("site-a", federation.submit("site-a", forged))
 

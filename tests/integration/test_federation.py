@@ -26,11 +26,11 @@ from policies import site_runtime
 from policies.accounting import epsilon_of
 from policies.audit import AuditLog
 from policies.budget import BudgetBook, PrivacyBudget
+from policies.contracts import encode_vector
 from policies.dp import local_dp_round
 from policies.federated_plan import FederatedPlan
 from policies.ledger import PrivacyLedger
 from policies.secagg import AdvertiseKeys, MaskedInput, ShareKeys, SignedSurvivors
-from policies.site_runtime import encode_vector
 from policies.submission import SubmissionError, function_name
 from researcher.checkpoints import load_latest, restore_into
 from researcher.evaluation import evaluate, load_test_subset, predict_logits
@@ -217,8 +217,9 @@ def test_a_fake_dropout_claim_cannot_unmask_a_live_site(federation: Federation) 
 
 
 def test_changed_code_and_forged_roster_are_refused_at_review(federation: Federation) -> None:
-    forged = federation.plan()
-    forged["roster"][0][1] = Ed25519PrivateKey.generate().public_key().public_bytes_raw().hex()  # an impostor's key
+    raw = federation.plan().to_dict()
+    raw["roster"][0][1] = Ed25519PrivateKey.generate().public_key().public_bytes_raw().hex()  # an impostor's key
+    forged = FederatedPlan.parse(raw)
     submit(federation.handles[0], forged, federation.workdir / "functions")
 
     report = review_request(federation.admins["site-a"], federation.sites["site-a"].site,

@@ -24,11 +24,11 @@ from datasites.review_queue import approve_request, list_requests
 from datasites.server import InProcessSite, launch_in_process
 from models import build_from_spec
 from policies.budget import PrivacyBudget
+from policies.contracts import encode_vector
 from policies.federated_plan import FederatedPlan
 from policies.ledger import PrivacyLedger
 from policies.peers import PeerPins
 from policies.secagg import AdvertiseKeys, ShareKeys
-from policies.site_runtime import encode_vector
 from researcher.checkpoints import load_latest
 from researcher.fedavg import flatten_trainable
 from researcher.federation import FederatedRound, SiteHandle, make_plan, submit

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -239,7 +240,14 @@ def test_a_site_that_does_not_answer_shows_as_unreachable(tmp_path: Path, monkey
     federation.output_dir.mkdir()
     (federation.output_dir / "run.json").write_text(
         f'{{"run_id": "run-0123456789ab", "config_digest": "{federation.config.digest()}"}}')
-    (federation.output_dir / "plan.json").write_text('{"run_id": "run-0123456789ab", "dp": {"rounds": 3}}')
+    plan = {"format": 1, "run_id": "run-0123456789ab", "dataset": "imdb",
+            "model": {"name": None, "tiny": {"hidden_size": 32}, "trainable": {"kind": "lora"}},
+            "dp": {"clip_norm": 1.0, "delta": 1e-5, "expected_batch_size": 16, "local_steps": 2, "rounds": 3,
+                   "target_epsilon": 3.0},
+            "secure_sum": {"vector_length": 10, "clip": 0.5, "quantisation_bits": 24, "threshold": 2,
+                           "modulus_bits": 32, "neighbourhood_size": None},
+            "roster": [[s.name, s.identity_key] for s in SITES]}
+    (federation.output_dir / "plan.json").write_text(json.dumps(plan))
 
     # Execute
     status = federation.status()
