@@ -1,7 +1,7 @@
 """Static review of a researcher's submitted training function, shown to the site admin.
 
 syft 0.9.5 runs approved code with plain ``exec`` in the server process, without a sandbox: it can
-read files, the environment (including ``SERVER_PRIVATE_KEY``) and start processes (SYFT_NOTES.md,
+read files, the environment (including ``SERVER_PRIVATE_KEY``) and start processes (docs/syft.md,
 "Jobs and errors"). The admin's approval is the only gate, so this module makes it sharp: it parses
 the source with ``ast`` (never executing, importing or compiling it to bytecode) and lists every place
 where the code reaches outside the packages a training function needs.

@@ -27,9 +27,9 @@ from policies.accounting import (
 # embeddings and linear layers are never materialised. "hooks": Opacus's per-sample gradients
 # (Goodfellow 2015 trick per layer), materialised and clipped. Both are exact. "hooks" is the
 # default: with LoRA + head it ran at 0.94x the non-private throughput (MiniLM, H200, batch 128,
-# fp32), ghost at 0.59x; ghost's advantage is memory when every parameter trains (README).
+# fp32), ghost at 0.59x; ghost's advantage is memory when every parameter trains (bench/RESULTS.md).
 CLIPPING_MODES = ("ghost", "hooks")
-DEFAULT_CLIPPING_MODE = "hooks"  # chosen from bench/dp_throughput.py (README: "DP throughput")
+DEFAULT_CLIPPING_MODE = "hooks"  # chosen from bench/dp_throughput.py (bench/RESULTS.md, "DP throughput")
 OPTIMIZERS = ("adamw", "sgd")
 
 
