@@ -2,7 +2,7 @@
 
 syft 0.9.5 runs approved code with plain ``exec`` in the server process, without a sandbox: it can
 read files, the environment (including ``SERVER_PRIVATE_KEY``) and start processes (docs/syft.md,
-"Jobs and errors"). The admin's approval is the only gate, so this module makes it sharp: it parses
+"Policies, approval and execution"). The admin's approval is the only gate, so this module makes it sharp: it parses
 the source with ``ast`` (never executing, importing or compiling it to bytecode) and lists every place
 where the code reaches outside the packages a training function needs.
 
