@@ -33,6 +33,9 @@ TRAINABLE_KINDS = ("full", "top_k", "lora", "head")
 # adapters' nn.Linear factors exactly. Names are BERT's attention and feed-forward projections.
 LORA_TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
 POOLINGS = ("mean", "cls")
+# Bounds the review's dry run can build (a rank of 10**7 would ask for terabytes of adapter weights):
+# BERT-family models have at most a few dozen layers and hidden sizes of a few thousand.
+TRAINABLE_LIMITS = {"top_k": 128, "lora_rank": 1024, "lora_alpha": 65_536}
 DEFAULT_POOLING = "mean"
 # A test model's sizes (keyword arguments of models.tiny_bert_config), each bounded.
 TINY_LIMITS = {"vocab_size": 250_000, "hidden_size": 4096, "layers": 48, "heads": 64, "max_length": 8192}
@@ -80,8 +83,8 @@ class TrainableSet:
             raise ModelConfigError(f"kind must be one of {TRAINABLE_KINDS}, got {self.kind!r}")
         for name in ("top_k", "lora_rank", "lora_alpha"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ModelConfigError(f"{name} must be an int >= 1, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= TRAINABLE_LIMITS[name]:
+                raise ModelConfigError(f"{name} must be an int in 1..{TRAINABLE_LIMITS[name]}, got {value!r}")
         if (
             isinstance(self.lora_dropout, bool)
             or not isinstance(self.lora_dropout, int | float)

@@ -21,12 +21,12 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 MAX_INLINE_NUMBERS = 8  # a literal of more numbers than this is summarised
-DIGEST_HEX = 16
+DIGEST_HEX = 32  # 128 bits: a collision of two different vectors is out of reach
 
 # Where the plan's known long vectors come from (the public-start recipe, models.with_public_start). The plan does not
 # record the public texts themselves, nor their digest: the admin is told so.
@@ -107,14 +107,24 @@ def _flat(values: Any) -> Iterator[float]:
             yield float(value)
 
 
-def _walk(tree: ast.AST) -> Iterator[tuple[ast.AST, str]]:
+def _long_numeric(node: ast.AST) -> bool:
+    """A list or tuple literal of numbers only, with more than MAX_INLINE_NUMBERS of them: summarised."""
+    if not isinstance(node, ast.List | ast.Tuple):
+        return False
+    shape = _shape(node)
+    return shape is not None and math.prod(shape) > MAX_INLINE_NUMBERS
+
+
+def _walk(tree: ast.AST, *, stop: Callable[[ast.AST], bool]) -> Iterator[tuple[ast.AST, str]]:
     """(node, its place) for every node in source order, the place named by dict keys and list indices
-    from ``plan = ...``. Iterative: deeply nested code must not exhaust the stack of the admin's review."""
+    from ``plan = ...``, not below a node ``stop`` accepts. Iterative: deeply nested code must not exhaust
+    the stack of the admin's review; and each node is visited once, so a long listing costs linear time."""
     stack: list[tuple[ast.AST, str]] = [(tree, "")]
     while stack:
         node, where = stack.pop()
         yield node, where
-        stack.extend(reversed(list(_children(node, where))))
+        if not stop(node):
+            stack.extend(reversed(list(_children(node, where))))
 
 
 def _children(node: ast.AST, where: str) -> Iterator[tuple[ast.AST, str]]:
@@ -140,13 +150,11 @@ def summarise_vectors(source: str) -> tuple[VectorSummary, ...]:
     except (SyntaxError, ValueError, RecursionError):
         return ()
     found: list[VectorSummary] = []
-    for node, where in _walk(tree):
-        shape = _shape(node)
-        if not isinstance(node, ast.List | ast.Tuple) or shape is None or math.prod(shape) <= MAX_INLINE_NUMBERS:
+    for node, where in _walk(tree, stop=_long_numeric):  # a summarised literal's rows are not visited again
+        shape = _shape(node) if _long_numeric(node) else None
+        if shape is None or not isinstance(node, ast.List | ast.Tuple):
             continue
         span = (node.lineno, node.col_offset, node.end_lineno or node.lineno, node.end_col_offset or 0)
-        if any(other.span[:2] <= span[:2] <= other.span[2:] for other in found):
-            continue  # a row of a matrix already summarised
         values = ast.literal_eval(node)  # numbers only: _shape checked every leaf
         norm = math.sqrt(math.fsum(value * value for value in _flat(values)))
         found.append(VectorSummary(where or f"line {node.lineno}", span, shape, norm, vector_digest(values)))

@@ -139,8 +139,19 @@ def _check_plan_strings(value: Any, where: str = "plan") -> None:
             _check_plan_strings(item, where)
 
 
+MAX_SOURCE_CHARS = 16 * 2**20  # the largest valid plan (a 64 x 8192 head_init) renders to about 12 MB
+
+
 def canonical_plan(source: str) -> dict[str, Any]:
-    """The plan of a canonical round function; raises SubmissionError for anything else."""
+    """The plan of a canonical round function; raises SubmissionError for anything else.
+
+    A plan that parses must also be written in its canonical form (``FederatedPlan.to_dict()``, as
+    ``render_round_function`` writes it): no key twice, no default left out, no alias (``1`` for ``1.0``, a
+    key in capitals), so the listing an admin reads shows each value once, as it takes effect.
+    """
+    if len(source) > MAX_SOURCE_CHARS:
+        raise SubmissionError(f"the code is {len(source):,} characters, over {MAX_SOURCE_CHARS:,}: no valid plan is "
+                              "that large")
     node = _function_node(source)
     _check_characters(source)
     shape, literal = _without_plan(node)
@@ -151,6 +162,8 @@ def canonical_plan(source: str) -> dict[str, Any]:
     if not isinstance(plan, dict) or not isinstance(plan.get("run_id"), str):
         raise SubmissionError("the plan must be a dict with a 'run_id'")
     _check_plan_strings(plan)
+    _check_no_repeated_keys(literal)
+    _check_canonical_form(plan)
     expected, _ = _without_plan(_function_node(ROUND_FUNCTION_TEMPLATE.format(
         name=function_name(plan["run_id"]), plan="None")))
     if shape != expected:
@@ -159,6 +172,30 @@ def canonical_plan(source: str) -> dict[str, Any]:
             "besides the plan): regenerate it with researcher.federation"
         )
     return plan
+
+
+def _check_no_repeated_keys(literal: ast.expr) -> None:
+    for node in ast.walk(literal):
+        if isinstance(node, ast.Dict):
+            keys = [key.value for key in node.keys if isinstance(key, ast.Constant)]
+            repeated = sorted({repr(key) for key in keys if keys.count(key) > 1})
+            if repeated:
+                raise SubmissionError(f"the plan repeats the key(s) {', '.join(repeated)}: Python keeps the last, "
+                                      "the listing shows both; regenerate the function with make_plan")
+
+
+def _check_canonical_form(plan: dict[str, Any]) -> None:
+    from policies.durable import canonical_json
+    from policies.federated_plan import FederatedPlan, FederatedPlanError
+
+    try:
+        canonical = FederatedPlan.parse(plan).to_dict()
+    except FederatedPlanError:
+        return  # not a valid plan: the review lists why, and no site can approve it
+    if canonical_json(plan) != canonical_json(canonical):
+        raise SubmissionError("the plan is not written in its canonical form (a default left out, 1 for 1.0, a key in "
+                              "other letters): regenerate the function with make_plan, which writes "
+                              "FederatedPlan.to_dict()")
 
 
 def dry_run(source: str, data: Any, *, site: str, researcher: str, approval: Any) -> StageReply:

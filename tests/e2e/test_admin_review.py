@@ -124,7 +124,7 @@ def test_admin_reviews_approves_refuses_a_forged_roster_denies_and_audits(  # ty
     assert pinned[0] == 0, pinned[2]
     assert "pinned site-z" in pinned[1] and f"key {key_fingerprint(PEER_KEY)}  {PEER_KEY}" in pinned[1]
     assert shown[0] == 0, shown[2]
-    assert f"def {function_name(run_id)}" in shown[1] and "dry run on the mock twin: {" in shown[1]
+    assert f"def {function_name(run_id)}" in shown[1] and "dry run on the mock twin: the model built with" in shown[1]
     assert f"from {RESEARCHER} (id {researcher_id})" in shown[1]
     assert re.search(rf"^ +site-a +key {key_fingerprint(key)}  this site$", shown[1], re.MULTILINE), shown[1]
     assert re.search(rf"^ +site-z +key {key_fingerprint(PEER_KEY)}  pinned$", shown[1], re.MULTILINE), shown[1]

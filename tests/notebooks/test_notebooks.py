@@ -44,7 +44,7 @@ EXPECTED = {
         r"tampered copy refused: .*line 1 was modified after it was written",
     ),
     "03_researcher_federated_training.ipynb": (
-        r"'dry_run': True",
+        r"DryRun\(trainable_parameters=\d+, mock_rows=\d+, mock_loss=",
         r"site +status +reason\nsite-a +pending\nsite-b +pending\nsite-c +pending\nrounds: 0 done of 2\n",
         r"site-a +approved\nsite-b +approved\nsite-c +approved\nrounds: 0 done of 2\n",
         r"run run-[0-9a-f]{12}: 2 rounds; files in the run folder: .*report\.png",

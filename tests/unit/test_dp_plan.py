@@ -101,3 +101,13 @@ def test_calibration_refuses_a_plan_over_the_budget(tmp_path: Path) -> None:
     # Execute / Assert
     with pytest.raises(BudgetExceededError, match=r"site 'site-a' refuses the plan .* over the budget epsilon=1\b"):
         calibrate_plan(plan, n_records=10_000, ledger=ledger)
+
+
+def test_a_plan_of_more_dp_steps_than_a_review_can_account_is_refused() -> None:
+    from policies.dp.plan import MAX_TOTAL_STEPS
+
+    base = {"clip_norm": 1.0, "delta": 1e-5, "expected_batch_size": 8, "target_epsilon": 3.0}
+    DPPlan.from_dict({**base, "rounds": 100, "local_steps": MAX_TOTAL_STEPS // 100})  # at the bound: accepted
+
+    with pytest.raises(DPPlanError, match=r"rounds x local_steps = 100,100 is over 100,000 DP steps"):
+        DPPlan.from_dict({**base, "rounds": 100, "local_steps": MAX_TOTAL_STEPS // 100 + 1})

@@ -53,8 +53,9 @@ def test_lora_trains_adapters_and_head_only() -> None:
     ("fields", "message"),
     [
         ({"kind": "prefix"}, r"kind must be one of \('full', 'top_k', 'lora', 'head'\), got 'prefix'"),
-        ({"top_k": 0}, r"top_k must be an int >= 1, got 0"),
-        ({"lora_rank": -1}, r"lora_rank must be an int >= 1, got -1"),
+        ({"top_k": 0}, r"top_k must be an int in 1..128, got 0"),
+        ({"lora_rank": -1}, r"lora_rank must be an int in 1..1024, got -1"),
+        ({"lora_rank": 10**7}, r"lora_rank must be an int in 1..1024, got 10000000"),  # terabytes of adapters
         ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\), got 1.0"),
         ({"lora_targets": ("LayerNorm",)}, r"lora_targets contains 'LayerNorm', which is not a supported layer"),
     ],

@@ -397,7 +397,7 @@ WEIGHT = [[i / 64 - 0.5 for i in range(48)], [0.5 - i / 64 for i in range(48)]]
 def _digest(values: object) -> str:
     import json
 
-    return hashlib.sha256(json.dumps(values, separators=(",", ":")).encode("utf-8")).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(values, separators=(",", ":")).encode("utf-8")).hexdigest()[:32]
 
 
 def test_the_listing_summarises_the_plans_long_vectors_by_shape_norm_and_digest() -> None:
@@ -515,3 +515,21 @@ def test_fedsite_admin_show_takes_full_and_the_demo_out_defaults_to_an_ignored_n
     assert parser.parse_args(["admin", "show", "abcdef12", "--data-dir", "d"]).full is False
     assert parser.parse_args(["demo", "--quick"]).out is None
     assert re.fullmatch(r"runs/demo-\d{8}T\d{6}Z", default_out().as_posix())  # /runs/ is in .gitignore
+
+
+def test_the_listing_visits_a_summarised_matrix_once_not_row_by_row() -> None:
+    # A submission of many numeric rows must not cost the admin's review time quadratic in the rows
+    import ast
+
+    from policies.review_render import _long_numeric, _walk, summarise_vectors
+
+    rows = 2_000
+    source = "junk = [" + ", ".join("[1.0, 2.0, 3.0, 4.0, 5.0]" for _ in range(rows)) + "]\n"
+    tree = ast.parse(source)
+
+    visited = sum(1 for _ in _walk(tree, stop=_long_numeric))
+    every = sum(1 for _ in ast.walk(tree))
+
+    assert visited < 10 < every  # the module, the assignment, its target and the one matrix; not its rows
+    (summary,) = summarise_vectors(source)
+    assert summary.shape == (rows, 5)

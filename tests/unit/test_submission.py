@@ -177,7 +177,7 @@ def test_a_renamed_function_is_not_canonical() -> None:
         ({"model": {"name": "x", "trainable": {"kind": "lora", "lora_targets": "query"}}},
          r"plan\['model'\]\['trainable'\]\['lora_targets'\] must be a list of layer names, got 'query'"),
         ({"model": {"name": "x", "trainable": {"kind": "lora", "lora_rank": 0}}},
-         r"plan\['model'\]\['trainable'\]: lora_rank must be an int >= 1, got 0"),
+         r"plan\['model'\]\['trainable'\]: lora_rank must be an int in 1..1024, got 0"),
     ],
 )
 def test_bad_plans_name_the_field(change: dict[str, Any], message: str) -> None:
@@ -264,3 +264,45 @@ def test_the_dry_run_takes_its_one_step_under_an_averaging_plan() -> None:
 
     # Assert
     assert result.trainable_parameters == length and result.mock_rows == 40
+
+
+# --- the literal an admin reads is the canonical one (red-team findings on the summarised listing) -------------
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        # a key twice: Python keeps the last value, the listing would show both
+        (lambda s: s.replace("'rounds': 2,", "'rounds': 2,\n                   'rounds': 50,", 1),
+         r"the plan repeats the key\(s\) 'rounds'"),
+        # a default left out, an int for a float, a key in capitals: the same typed plan, another literal
+        (lambda s: s.replace("'seed': 0,", "", 1), r"not written in its canonical form"),
+        (lambda s: s.replace("'clip_norm': 1.0,", "'clip_norm': 1,", 1), r"not written in its canonical form"),
+    ],
+)
+def test_a_plan_not_written_in_canonical_form_is_refused(edit: Any, message: str) -> None:
+    plan = FederatedPlan.parse(make_raw_plan())
+    source = edit(render_round_function(plan))
+    assert source != render_round_function(plan)  # the edit applied
+
+    with pytest.raises(SubmissionError, match=message):
+        canonical_plan(source)
+
+
+def test_a_roster_key_in_capitals_is_refused_as_not_canonical() -> None:
+    plan = FederatedPlan.parse(make_raw_plan())
+    key = plan.to_dict()["roster"][0][1]
+    source = render_round_function(plan).replace(key, key.upper(), 1)
+
+    with pytest.raises(SubmissionError, match=r"not written in its canonical form"):
+        canonical_plan(source)
+
+
+def test_an_oversized_source_is_refused_before_it_is_parsed() -> None:
+    from policies.submission import MAX_SOURCE_CHARS
+
+    source = render_round_function(FederatedPlan.parse(make_raw_plan()))
+    padded = source.replace("plan = {", "plan = {'junk': [" + "0," * (MAX_SOURCE_CHARS // 2) + "], ", 1)
+
+    with pytest.raises(SubmissionError, match=r"characters, over 16,777,216: no valid plan is that large"):
+        canonical_plan(padded)
