@@ -513,7 +513,7 @@ def test_a_roster_of_the_researchers_own_sites_is_refused_and_an_unpinned_peer_s
                             *(SiteHandle(name=name, client=None, identity_key=key) for name, key in fakes.items())],
                      threshold=2)
     value_of(at.submit(rita, sybil, fed.root / "sybil"))
-    request_id = fed.pending("site-a", sybil["run_id"])
+    request_id = fed.pending("site-a", sybil.run_id)
     code_id = at.own_code_id(rita, run.function)
 
     # Execute: the admin reviews and tries to approve; then unpins site-c mid-run, and rita calls the next round
@@ -536,7 +536,7 @@ def test_a_roster_of_the_researchers_own_sites_is_refused_and_an_unpinned_peer_s
     assert approved[0] == 2 and f"cannot be approved: {problems[0]} (2 problem(s)" in approved[2], approved
     assert ApprovalRegistry(fed.site("site-a").path).find(code_hash(render_round_function(sybil)),
                                                          researcher=fed.rita_ids["site-a"]) is None
-    assert unpinned == {"refused": f"site-a: roster entry site-c (key {key_fingerprint(fed.key('site-c'))}) is not "
+    assert unpinned == {"reply": "refused", "refused": f"site-a: roster entry site-c (key {key_fingerprint(fed.key('site-c'))}) is not "
                                    "pinned here: check its key with its admin, then `fedsite admin peers add site-c KEY`"}
     assert "pinned site-c" in repinned_pins
 
@@ -709,7 +709,7 @@ def test_no_timing_one_attempt_per_round_other_requests_listed_and_a_cut_ledger_
     # to the admin's log), the admin's verification names the cut, nothing is refunded; the restored ledger lets
     # the same call through
     for answer in (after_cut, after_rollback):
-        assert answer == {"refused": "site-a: refused: the site's records failed verification; its admin must "
+        assert answer == {"reply": "refused", "refused": "site-a: refused: the site's records failed verification; its admin must "
                                      "restore them before any round runs here"}, answer
     assert verify_cut[0] == 2
     assert "has 1 entries but its head file records 2: its last entries were removed" in verify_cut[2], verify_cut

@@ -190,7 +190,7 @@ def _ledger(federation: HttpFederation, name: str) -> PrivacyLedger:
 def _spends_match_the_audit_log(federation: HttpFederation, name: str) -> None:
     """Every ledger record has its privacy_spent audit event, same run, round and epsilon, and vice versa."""
     path = federation.site(name).path
-    run_of = {a.request_id: str(a.plan.run_id) for a in ApprovalRegistry(path).all()}
+    run_of = {a.request_id: str(a.plan["run_id"]) for a in ApprovalRegistry(path).all()}
     audited = [(run_of[e.request_id], e.round, round(e.epsilon, 9)) for e in AuditLog(path).events()
                if isinstance(e, PrivacySpent)]
     ledger = [(r.run_id, r.round_index, round(max(0.0, r.epsilon_after - r.epsilon_before), 9))
@@ -423,7 +423,7 @@ def test_code_changed_after_approval_is_refused_by_the_gate(federation: HttpFede
     spent = len(_ledger(federation, "site-a").records())
 
     # Execute
-    seen = _raw_call(federation.handles["site-a"], function_name(changed["run_id"]), "advertise_keys",
+    seen = _raw_call(federation.handles["site-a"], function_name(changed.run_id), "advertise_keys",
                      {"round": 0, "attempt": 20}, code_id=code_id)
 
     # Assert: syft's approval is not Fedsite's; the API gate refuses the call before syft runs anything
