@@ -717,7 +717,7 @@ def test_no_timing_one_attempt_per_round_other_requests_listed_and_a_cut_ledger_
     assert not _events(fed, "site-a", PrivacySpent, 2)
     assert [r.round_index for r in fed.ledger("site-a").records() if r.run_id == run.plan.run_id] == [0, 1]
     assert fed.ledger("site-a").spent() == spent_after_round_1 > spent_after_round_0
-    assert isinstance(after_restore, dict) and set(after_restore) == {"message"}, after_restore
+    assert isinstance(after_restore, dict) and set(after_restore) == {"reply", "message"} and after_restore["reply"] == "message", after_restore
 
 
 # ---- 6. files ---------------------------------------------------------------------------------------------------------
