@@ -107,15 +107,14 @@ def _flat(values: Any) -> Iterator[float]:
             yield float(value)
 
 
-def _long_numeric(node: ast.AST) -> bool:
-    """A list or tuple literal of numbers only, with more than MAX_INLINE_NUMBERS of them: summarised."""
-    if not isinstance(node, ast.List | ast.Tuple):
-        return False
+def _long_numeric(node: ast.AST) -> tuple[int, ...] | None:
+    """The shape of a list or tuple literal of numbers only, with more than MAX_INLINE_NUMBERS of them
+    (summarised); None for any other node."""
     shape = _shape(node)
-    return shape is not None and math.prod(shape) > MAX_INLINE_NUMBERS
+    return shape if shape is not None and math.prod(shape) > MAX_INLINE_NUMBERS else None
 
 
-def _walk(tree: ast.AST, *, stop: Callable[[ast.AST], bool]) -> Iterator[tuple[ast.AST, str]]:
+def _walk(tree: ast.AST, *, stop: Callable[[ast.AST], object]) -> Iterator[tuple[ast.AST, str]]:
     """(node, its place) for every node in source order, the place named by dict keys and list indices
     from ``plan = ...``, not below a node ``stop`` accepts. Iterative: deeply nested code must not exhaust
     the stack of the admin's review; and each node is visited once, so a long listing costs linear time."""
@@ -150,10 +149,13 @@ def summarise_vectors(source: str) -> tuple[VectorSummary, ...]:
     except (SyntaxError, ValueError, RecursionError):
         return ()
     found: list[VectorSummary] = []
-    for node, where in _walk(tree, stop=_long_numeric):  # a summarised literal's rows are not visited again
-        shape = _shape(node) if _long_numeric(node) else None
+    summarised: set[int] = set()
+    # _walk asks ``stop`` after the loop body ran for a node, so a summarised literal's rows are not visited
+    for node, where in _walk(tree, stop=lambda visited: id(visited) in summarised):
+        shape = _long_numeric(node)
         if shape is None or not isinstance(node, ast.List | ast.Tuple):
             continue
+        summarised.add(id(node))
         span = (node.lineno, node.col_offset, node.end_lineno or node.lineno, node.end_col_offset or 0)
         values = ast.literal_eval(node)  # numbers only: _shape checked every leaf
         norm = math.sqrt(math.fsum(value * value for value in _flat(values)))
