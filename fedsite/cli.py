@@ -325,7 +325,9 @@ def _add_demo_parser(sub: Any) -> None:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--site-device", default="cpu",
                       help="where the sites train: cpu (default), cuda or cuda:N (`fedsite serve --device`)")
-    demo.add_argument("--verbose", action="store_true", help="let syft's own log lines and prints through (silent by default)")
+    demo.add_argument("--verbose", action="store_true",
+                      help="let syft's own log lines and prints through (silent by default); with --http, also into "
+                           "each site's <name>.log")
     demo.set_defaults(func=cmd_demo)
 
 

@@ -94,8 +94,9 @@ def say(text: str) -> None:
 
 
 @contextmanager
-def in_process_sites(out: Path, passwords: dict[str, str], *,
-                     device: str = "cpu") -> Iterator[dict[str, tuple[SiteDir, Any, Any]]]:
+def in_process_sites(out: Path, passwords: dict[str, str], *, device: str = "cpu",
+                     verbose: bool = False) -> Iterator[dict[str, tuple[SiteDir, Any, Any]]]:
+    del verbose  # in this process: `fedsite demo --verbose` already let syft's lines through
     with ExitStack() as stack:
         sites = {}
         for name in SITE_NAMES:
@@ -108,10 +109,10 @@ def in_process_sites(out: Path, passwords: dict[str, str], *,
 
 
 @contextmanager
-def http_sites(out: Path, passwords: dict[str, str], *,
-               device: str = "cpu") -> Iterator[dict[str, tuple[SiteDir, Any, Any]]]:
+def http_sites(out: Path, passwords: dict[str, str], *, device: str = "cpu",
+               verbose: bool = False) -> Iterator[dict[str, tuple[SiteDir, Any, Any]]]:
     served = [ServedSite(name=name, data_dir=out / name, port=free_port(), log=out / f"{name}.log",
-                         admin_password=passwords[name], device=device) for name in SITE_NAMES]
+                         admin_password=passwords[name], device=device, verbose=verbose) for name in SITE_NAMES]
     try:
         for server in served:
             server.start()
@@ -211,7 +212,7 @@ def run_demo(args: argparse.Namespace) -> None:
     say(f"Fedsite demo in {out} ({'3 fedsite serve processes over HTTP' if args.http else '3 in-process datasites'})")
     sites_context = http_sites if args.http else in_process_sites
     out.mkdir(parents=True, exist_ok=True)
-    with sites_context(out, passwords, device=args.site_device) as raw_sites:
+    with sites_context(out, passwords, device=args.site_device, verbose=args.verbose) as raw_sites:
         say("1. Data owners upload their partitions")
         sites = set_up_sites(raw_sites, size=size, imdb=imdb, epsilon=args.epsilon, scheme=args.scheme, seed=args.seed)
         # Mean pooling is centred on public test reviews (seed 1; the evaluation draws with seed 0), and

@@ -39,6 +39,7 @@ class ServedSite:
     device: str = "cpu"  # `fedsite serve --device`
     tls_cert: Path | None = None  # `fedsite serve --tls-cert` (with tls_key: the site serves HTTPS)
     tls_key: Path | None = None  # `fedsite serve --tls-key`
+    verbose: bool = False  # `fedsite serve --verbose`: syft's own log lines reach ``log`` too
     process: subprocess.Popen[bytes] | None = field(default=None)
 
     @property
@@ -53,7 +54,8 @@ class ServedSite:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "fedsite", "serve", "--name", self.name, "--data-dir", str(self.data_dir),
-                 "--port", str(self.port), "--device", self.device, *tls], env=env, stdout=log,
+                 "--port", str(self.port), "--device", self.device, *tls,
+                 *(["--verbose"] if self.verbose else [])], env=env, stdout=log,
                 stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
