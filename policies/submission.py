@@ -21,6 +21,7 @@ import tempfile
 import textwrap
 import time
 import tokenize
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -159,6 +160,8 @@ def canonical_plan(source: str) -> dict[str, Any]:
         plan = ast.literal_eval(literal)
     except ValueError:
         raise SubmissionError("the plan must be a literal (no names, calls or expressions)") from None
+    except TypeError as exc:  # e.g. a list or dict as a dict key
+        raise SubmissionError(f"the plan's literal cannot be built ({exc}): keys must be strings") from None
     if not isinstance(plan, dict) or not isinstance(plan.get("run_id"), str):
         raise SubmissionError("the plan must be a dict with a 'run_id'")
     _check_plan_strings(plan)
@@ -177,8 +180,9 @@ def canonical_plan(source: str) -> dict[str, Any]:
 def _check_no_repeated_keys(literal: ast.expr) -> None:
     for node in ast.walk(literal):
         if isinstance(node, ast.Dict):
-            keys = [key.value for key in node.keys if isinstance(key, ast.Constant)]
-            repeated = sorted({repr(key) for key in keys if keys.count(key) > 1})
+            # as the dict itself compares keys (1 == 1.0, tuples by value); counted, as a literal may hold 10**6
+            counts = Counter(ast.literal_eval(key) for key in node.keys if key is not None)
+            repeated = sorted(repr(key) for key, count in counts.items() if count > 1)
             if repeated:
                 raise SubmissionError(f"the plan repeats the key(s) {', '.join(repeated)}: Python keeps the last, "
                                       "the listing shows both; regenerate the function with make_plan")

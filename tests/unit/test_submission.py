@@ -275,6 +275,11 @@ def test_the_dry_run_takes_its_one_step_under_an_averaging_plan() -> None:
         # a key twice: Python keeps the last value, the listing would show both
         (lambda s: s.replace("'rounds': 2,", "'rounds': 2,\n                   'rounds': 50,", 1),
          r"the plan repeats the key\(s\) 'rounds'"),
+        # keys the dict holds as one: 1 and 1.0, two equal tuples
+        (lambda s: s.replace("'rounds': 2,", "'rounds': 2, 1: 0, 1.0: 1, ('a', 1): 2, ('a', 1): 3,", 1),
+         r"the plan repeats the key\(s\) \('a', 1\), 1:"),
+        # a key that cannot be a dict key at all
+        (lambda s: s.replace("'rounds': 2,", "'rounds': 2, ['a']: 0,", 1), r"literal cannot be built .*unhashable"),
         # a default left out, an int for a float, a key in capitals: the same typed plan, another literal
         (lambda s: s.replace("'seed': 0,", "", 1), r"not written in its canonical form"),
         (lambda s: s.replace("'clip_norm': 1.0,", "'clip_norm': 1,", 1), r"not written in its canonical form"),
